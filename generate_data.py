@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import torch
 
+from utils.cli import user_errors
 from utils.loading import DEFAULT_MODEL_NAME, load_model_and_tokenizer
+from utils.records import TeacherIdentity, teacher_name
 from utils.synthesis import (PRESETS, SamplingConfig, apply_preset, choose_start_tokens, default_batch_size,
                              eligible_start_tokens, ensure_writable_dir, resolve_device, resolve_shard,
-                             shard_path, shard_start_tokens, synthesize_shard, teacher_identity,
-                             teacher_name)
+                             shard_path, shard_start_tokens, synthesize_shard)
 
 logger = logging.getLogger("generate_data")
 
@@ -56,10 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors("generate_data.py"):
         generate(args)
-    except (ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
 
 
 def generate(args):
@@ -81,7 +79,7 @@ def generate(args):
                 len(eligible), config.describe())
     synthesize_shard(model, tokenizer, shard_start_tokens(start_tokens, shard, num_shards),
                      shard_path(args.output_dir, shard, num_shards), config, batch_size, shard, num_shards,
-                     teacher_identity(teacher_name(args.model), tokenizer, vocab_size))
+                     TeacherIdentity.of(teacher_name(args.model), tokenizer, vocab_size))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from utils.cli import user_errors
 from utils.merge import find_shard_files, heldout_file, merge_shards
 
 logger = logging.getLogger("merge_gen_data")
@@ -24,22 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", type=int, default=0, metavar="N",
                         help="move all sequences of N start tokens to heldout.jsonl beside the output")
     parser.add_argument("--seed", type=int, default=0, help="picks the held-out start tokens")
+    parser.add_argument("--allow-mixed-settings", action="store_true",
+                        help="merge shards generated with different sampling settings (refused by default)")
     return parser
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.heldout < 0:
-        sys.exit(f"error: --heldout {args.heldout} must be 0 or more")
     output = Path(args.output)
-    try:
+    with user_errors("merge_gen_data.py"):
+        if args.heldout < 0:
+            raise ValueError(f"--heldout {args.heldout} must be 0 or more")
         files = find_shard_files(args.inputs, exclude=(output, heldout_file(output)))
         logger.info("Merging %d shard file(s) into %s", len(files), output)
-        report = merge_shards(files, output, force=args.force, heldout=args.heldout, seed=args.seed)
-    except (ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+        report = merge_shards(files, output, force=args.force, heldout=args.heldout, seed=args.seed,
+                              allow_mixed_settings=args.allow_mixed_settings)
     print(report.summary())
+    if len(report.settings) > 1:
+        print(f"mixed sampling settings (--allow-mixed-settings): {'; '.join(report.settings)}")
     print(f"{output}: {report.train.describe()} (teacher {report.teacher})")
     if args.heldout:
         print(f"{heldout_file(output)}: {report.heldout.describe()}")

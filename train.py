@@ -4,26 +4,34 @@
 
 Every Hugging Face `TrainingArguments` option works (resume, logging, --fsdp, --deepspeed, ...); the defaults
 below are the released LLaMA-7B recipe: 1 epoch, AdamW, lr 2e-5, cosine, no warmup, weight decay 0, batch 1 per
-device, sequence length 2048, checkpoints every 2000 steps. `scripts/run_train.sh W A KV` is the usual launcher.
+device, sequence length 2048, checkpoints every 2000 steps. The quantizer flags are the fields of
+`models.quantize.QATConfig`. `scripts/run_train.sh W A KV` is the usual launcher.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from pathlib import Path
+from typing import get_type_hints
 
 import torch
 import transformers
 from transformers import AutoConfig, HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from models.quantize import CONFIG_KEY, QATConfig, quantize_model, quantized_modules, saved_config, write_remote_code
+from models.checkpoint import saved_settings, write_remote_code
+from models.quantize import QATConfig, quantize_model, quantized_modules
+from utils.cli import ensure_writable_dir, user_errors
 from utils.data import PadCollator, TokenSequenceDataset
 from utils.kd_trainer import REDUCTIONS, KDTrainer
 from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
-from utils.synthesis import teacher_identity
+from utils.records import TeacherIdentity
 
 logger = logging.getLogger("train")
+TRAIN_DEFAULT_BITS = dict(w_bits=4, a_bits=8, kv_bits=4)  # the paper's headline setting (QATConfig's own: 16)
 
 
 @dataclass
@@ -38,15 +46,24 @@ class DataArguments:
     model_max_length: int = field(default=2048, metadata={"help": "truncate (or pack) sequences to this many tokens"})
     packing: bool = field(default=False, metadata={"help": "concatenate sequences into full blocks instead of truncating"})
 
+    def __post_init__(self):
+        if self.model_max_length < 1:
+            raise ValueError(f"--model_max_length {self.model_max_length} must be at least 1 (paper: 2048)")
+
+
+# The quantizer flags are QATConfig's own fields, with its defaults and help (`QATConfig.from_flags` reads them).
+QuantArguments = make_dataclass("QuantArguments", [(f.name, get_type_hints(QATConfig)[f.name],
+                                                    field(default=f.default, metadata=f.metadata))
+                                                   for f in fields(QATConfig)])
+
 
 @dataclass
-class QuantArguments:
-    w_bits: int = field(default=4, metadata={"help": "weight bits, 2..8 or 16 (not quantized)"})
-    a_bits: int = field(default=8, metadata={"help": "activation bits, 2..8 or 16"})
-    kv_bits: int = field(default=4, metadata={"help": "KV-cache bits, 2..8 or 16"})
-    act_symmetric: bool = field(default=True, metadata={"help": "symmetric per-token activations (False: asymmetric)"})
-    ste_clip: float = field(default=2.0, metadata={"help": "zero the STE gradient where |x| >= this; 0 = never"})
+class DistillationArguments:
     kd_reduction: str = field(default="batchmean", metadata={"help": f"KL normalisation: {' or '.join(REDUCTIONS)}"})
+
+    def __post_init__(self):
+        if self.kd_reduction not in REDUCTIONS:
+            raise ValueError(f"--kd_reduction {self.kd_reduction!r} is not supported; use {' or '.join(REDUCTIONS)}")
 
 
 @dataclass
@@ -65,45 +82,78 @@ class QATTrainingArguments(TrainingArguments):
     logging_steps: float = 10
 
 
-def check_resumable(checkpoint: str, qat_config: QATConfig) -> None:
-    """Resuming a checkpoint trained with other bits would save a model whose config lies about its weights."""
-    saved = saved_config(checkpoint).get(CONFIG_KEY)
-    if saved and saved != asdict(qat_config):
-        raise ValueError(f"{checkpoint} was trained with {saved}, not {asdict(qat_config)}; pass another "
+def is_complete_checkpoint(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states), so a
+    checkpoint whose state file reads back was saved whole."""
+    try:
+        json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest whole checkpoint of a run. A checkpoint cut off while saving (a kill during the save) is moved
+    aside to incomplete-checkpoint-N, so it neither blocks resuming nor is mistaken for a checkpoint later."""
+    checkpoints = sorted((path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                          if path.is_dir() and path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit()),
+                         key=lambda path: int(path.name.rpartition("-")[2]), reverse=True)
+    for checkpoint in checkpoints:
+        if is_complete_checkpoint(checkpoint):
+            return str(checkpoint)
+        aside = output_dir / f"incomplete-{checkpoint.name}"
+        suffix = 1
+        while aside.exists():
+            suffix += 1
+            aside = output_dir / f"incomplete-{checkpoint.name}-{suffix}"
+        checkpoint.rename(aside)
+        logger.warning("%s was cut off while saving (no readable %s); moved it to %s and resuming from the "
+                       "checkpoint before it", checkpoint, TRAINER_STATE_NAME, aside)
+    return None
+
+
+def checkpoint_to_resume(training_args: TrainingArguments, qat_config: QATConfig) -> str | None:
+    """--resume_from_checkpoint, else the last whole checkpoint of --output_dir (rerunning a killed command
+    continues it); refused when it was trained with other quantizer settings."""
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and not is_complete_checkpoint(Path(resume)):
+        raise ValueError(f"--resume_from_checkpoint {resume} is not a whole checkpoint (no readable "
+                         f"{TRAINER_STATE_NAME}); pass an earlier checkpoint, or omit the flag to resume from the "
+                         "last whole one")
+    if resume is None and os.path.isdir(training_args.output_dir):
+        resume = last_complete_checkpoint(Path(training_args.output_dir))
+    saved = saved_settings(resume) if resume else None
+    if saved and saved != qat_config:  # the saved model's config would lie about its weights
+        raise ValueError(f"{resume} was trained with {asdict(saved)}, not {asdict(qat_config)}; pass another "
                          "--output_dir (or the same settings) to start or resume that run")
+    return resume
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, QuantArguments, QATTrainingArguments))
-    model_args, data_args, quant_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, QuantArguments, DistillationArguments,
+                               QATTrainingArguments))
+    parser.set_defaults(**TRAIN_DEFAULT_BITS)
+    model_args, data_args, quant_args, kd_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    qat_config = QATConfig.from_flags(**asdict(quant_args))  # bad settings fail here, before any model is loaded
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
 
-    qat_config = QATConfig(quant_args.w_bits, quant_args.a_bits, quant_args.kv_bits, quant_args.act_symmetric,
-                           quant_args.ste_clip or None)  # bad settings fail here, before any model is loaded
-    if quant_args.kd_reduction not in REDUCTIONS:
-        raise ValueError(f"--kd_reduction {quant_args.kd_reduction!r} is not supported; use {' or '.join(REDUCTIONS)}")
-    resume = training_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(training_args.output_dir):
-        resume = get_last_checkpoint(training_args.output_dir)  # rerunning a killed command continues it
-    if resume:
-        check_resumable(resume, qat_config)
-
+    ensure_writable_dir(training_args.output_dir, "--output_dir")
+    resume = checkpoint_to_resume(training_args, qat_config)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path)
     vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
-    teacher_id = teacher_identity(model_display_name(model_args.model_name_or_path), tokenizer, vocab_size)
+    teacher_id = TeacherIdentity.of(model_display_name(model_args.model_name_or_path), tokenizer, vocab_size)
     dataset = TokenSequenceDataset(data_args.data_path, data_args.model_max_length, tokenizer, data_args.packing,
-                                   teacher=teacher_id)
+                                   teacher=teacher_id, vocab_size=vocab_size)
     # A QAT checkpoint given as the model loads its float (latent) weights: they are the teacher and the start.
     # Two loads rather than a deepcopy: under DeepSpeed ZeRO-3 each load is partitioned as it happens.
     teacher = load_model(model_path, dtype=torch.bfloat16 if training_args.bf16 else torch.float32, quantized=False)
-    student = load_model(model_path, dtype=torch.float32, quantized=False)
-    quantize_model(student, **asdict(qat_config))
-    logger.info("Student W%dA%dKV%d: %d quantized linear layers; teacher frozen in %s", quant_args.w_bits,
-                quant_args.a_bits, quant_args.kv_bits, len(quantized_modules(student)), teacher.dtype)
+    student = quantize_model(load_model(model_path, dtype=torch.float32, quantized=False), qat_config)
+    logger.info("Student W%dA%dKV%d: %d quantized linear layers; teacher frozen in %s", qat_config.w_bits,
+                qat_config.a_bits, qat_config.kv_bits, len(quantized_modules(student)), teacher.dtype)
 
-    trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=quant_args.kd_reduction, args=training_args,
+    trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, args=training_args,
                         train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
                         processing_class=tokenizer)
 
@@ -117,12 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_world_process_zero():
         write_remote_code(training_args.output_dir)
         logger.info("Saved the W%dA%dKV%d student to %s (reload: utils.loading.load_model, or "
-                    "from_pretrained(..., trust_remote_code=True))", quant_args.w_bits, quant_args.a_bits,
-                    quant_args.kv_bits, training_args.output_dir)
+                    "from_pretrained(..., trust_remote_code=True))", qat_config.w_bits, qat_config.a_bits,
+                    qat_config.kv_bits, training_args.output_dir)
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors("train.py"):
         main()
-    except (ValueError, OSError) as err:  # bad bits, data or model path: one line, no traceback
-        raise SystemExit(f"train.py: error: {err}")

@@ -1,6 +1,8 @@
-"""The LLM-QAT student: fake quantizers (`quantizers`) and the module swap that applies them (`quantize`)."""
-from .quantize import QATConfig, QuantLinear, quantize_model, quantized_modules, save_quantized, write_remote_code
+"""The LLM-QAT student: fake quantizers (`quantizers`), the module swap that applies them (`quantize`), saved
+students (`checkpoint`) and low-bit exports (`export`). Imports nothing of this repository outside `models/`."""
+from .checkpoint import load_student, save_quantized, write_remote_code
+from .quantize import QATConfig, QuantLinear, quantize_model, quantized_modules
 from .quantizers import check_bits, fake_quantize
 
-__all__ = ["QATConfig", "QuantLinear", "quantize_model", "quantized_modules", "save_quantized",
+__all__ = ["QATConfig", "QuantLinear", "quantize_model", "quantized_modules", "load_student", "save_quantized",
            "write_remote_code", "check_bits", "fake_quantize"]

@@ -12,24 +12,30 @@ per output channel (paper eq. 1, symmetric MinMax):
     dynamic per-token `output_activations` of k_proj/v_proj. The exact settings also stay under
     `llm_qat`, which `load_packed` uses to rebuild the student with this repo's own quantizers.
   - `folded`: a plain Hugging Face checkpoint whose float weights already hold the dequantized values;
-    `llm_qat` stays in its config, so `utils.loading.load_model` rebuilds the same student from it
+    `llm_qat` stays in its config, so `load_student` rebuilds the same student from it
     (re-quantizing a weight that is already on its grid gives it back unchanged).
 Embeddings, norms and lm_head stay float, in the dtype the checkpoint was saved in.
+
+This module owns the packed format: it writes it (`export_packed`), recognises it (`is_packed_export`) and
+reads it back (`load_packed`). An export is written beside its target and renamed into place, so an
+interrupted export leaves nothing half-written; it never writes into a training run or over files the user
+did not ask to replace.
 """
 from __future__ import annotations
 
 import logging
+import re
 import shutil
-from dataclasses import asdict
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
-from .quantize import (CONFIG_KEY, KV_PROJECTIONS, QATConfig, QuantLinear, quantize_model, quantized_modules,
-                       saved_config)
+from .checkpoint import load_student, saved_config, saved_settings
+from .quantize import CONFIG_KEY, KV_PROJECTIONS, QuantLinear, quantize_model, quantized_modules
 from .quantizers import FULL_PRECISION, symmetric_codes
 
 logger = logging.getLogger(__name__)
@@ -49,15 +55,13 @@ def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(torch.int8), scales
 
 
-def checkpoint_settings(path: str | Path) -> dict:
+def checkpoint_settings(path: Path) -> dict:
     """The `llm_qat` settings of a QAT checkpoint directory, or one clear error if it has none."""
-    from utils.loading import resolve_model_path  # here: `models` must not depend on `utils` at import time
-
-    settings = saved_config(resolve_model_path(str(path))).get(CONFIG_KEY)
-    if not settings:
+    settings = saved_settings(path)
+    if settings is None:
         raise ValueError(f"{path} is not a QAT checkpoint (its config.json has no '{CONFIG_KEY}'): quantize/train "
                          "it first (models.quantize_model + save_quantized), or pass a directory a QAT run saved")
-    return asdict(QATConfig(**settings))
+    return settings
 
 
 def saved_dtype(path: str | Path) -> torch.dtype:
@@ -67,19 +71,38 @@ def saved_dtype(path: str | Path) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _load_student(checkpoint: str | Path, export_format: str, out_dir: Path):
-    from utils.loading import load_model, resolve_model_path
+def is_training_run(directory: Path) -> bool:
+    """A Trainer output directory or one of its checkpoints: exporting there would replace what a resumed run
+    loads (its weights would become the export's)."""
+    return (re.fullmatch(r"checkpoint-\d+", directory.name) is not None or (directory / "trainer_state.json").exists()
+            or any(directory.glob("checkpoint-*")))
 
-    settings = checkpoint_settings(checkpoint)
-    if export_format == PACKED and settings["w_bits"] not in PACKABLE_BITS:
-        raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings['w_bits']} "
-                         "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")
-    path = Path(resolve_model_path(str(checkpoint)))
-    if out_dir.resolve() == path.resolve():
+
+def check_export_target(checkpoint: Path, out_dir: Path, force: bool) -> None:
+    """Before any model loads: never over the checkpoint or into a training run; a non-empty directory only with
+    `force`."""
+    if out_dir.resolve() == checkpoint.resolve():
         raise ValueError(f"the output {out_dir} is the checkpoint itself, whose float weights an export would "
                          "overwrite; pass another output directory")
+    if out_dir.is_dir() and is_training_run(out_dir):
+        raise ValueError(f"the output {out_dir} is a training run or one of its checkpoints, which a resumed run "
+                         "would load; pass a new output directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output {out_dir} is a file; pass a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ValueError(f"the output {out_dir} is not empty; pass --force to replace its contents, or a new "
+                         "output directory")
+
+
+def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bool):
+    checkpoint = Path(checkpoint)
+    settings = checkpoint_settings(checkpoint)
+    if export_format == PACKED and settings.w_bits not in PACKABLE_BITS:
+        raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings.w_bits} "
+                         "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")
+    check_export_target(checkpoint, out_dir, force)
     # float32: the student's quantizers ran in float32 during QAT, and its scales are float32 values.
-    return load_model(path, dtype=torch.float32), path
+    return load_student(checkpoint, dtype=torch.float32), checkpoint
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
@@ -89,13 +112,23 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(item, target / item.name)
 
 
-def _write_checkpoint(model: nn.Module, source: Path, out_dir: Path) -> None:
-    """Save the exported model with the source's tokenizer files, without the student's remote code."""
+def _write_checkpoint(model: nn.Module, source: Path, out_dir: Path, compressor=None) -> None:
+    """Save the exported model with the source's tokenizer files, without the student's remote code: into a
+    temporary sibling first, renamed into place when whole (replacing `out_dir`, checked beforehand)."""
     if hasattr(model.config, "auto_map"):  # it points at the student's loader, which an export does not carry
         del model.config.auto_map
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    _copy_side_files(source, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        _copy_side_files(source, staging)
+        if compressor is not None:
+            compressor.update_config(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _with_plain_linears(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -139,13 +172,13 @@ def compressed_tensors_config(settings: dict, layer_names: list[str], output_lay
                               quantization_status="frozen")
 
 
-def export_packed(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the QAT checkpoint as a compressed-tensors checkpoint of integer weights; return `out_dir`."""
+def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the QAT checkpoint directory as a compressed-tensors checkpoint of integer weights; return `out_dir`."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
     out_dir = Path(out_dir)
-    model, source = _load_student(checkpoint, PACKED, out_dir)
+    model, source = _load_student(checkpoint, PACKED, out_dir, force)
     settings = model.config.llm_qat
     layers = quantized_modules(model)
     output_layer = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
@@ -162,17 +195,16 @@ def export_packed(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
-    _write_checkpoint(model, source, out_dir)
-    compressor.update_config(out_dir)
+    _write_checkpoint(model, source, out_dir, compressor)
     logger.info("Wrote a packed %s checkpoint (W%d, compressed-tensors %s) to %s", type(model).__name__,
                 settings["w_bits"], config.format, out_dir)
     return out_dir
 
 
-def export_folded(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_folded(checkpoint: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Write the QAT checkpoint as a plain float checkpoint whose weights hold the quantized values."""
     out_dir = Path(out_dir)
-    model, source = _load_student(checkpoint, FOLDED, out_dir)
+    model, source = _load_student(checkpoint, FOLDED, out_dir, force)
     layers = quantized_modules(model)
     # float32, not the saved dtype: codes * scale needs float32 to stay exactly on the quantization grid.
     folded = {name: layer.quantized_weight().detach().clone() for name, layer in layers.items()}
@@ -183,17 +215,27 @@ def export_folded(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, export_format: str = PACKED) -> Path:
+def export(checkpoint: str | Path, out_dir: str | Path, export_format: str = PACKED, force: bool = False) -> Path:
+    """Export the QAT checkpoint directory `checkpoint` (a local path: resolve names before) to `out_dir`."""
     if export_format not in FORMATS:
         raise ValueError(f"unknown export format {export_format!r}; use one of: {', '.join(FORMATS)}")
-    return (export_packed if export_format == PACKED else export_folded)(checkpoint, out_dir)
+    return (export_packed if export_format == PACKED else export_folded)(checkpoint, out_dir, force)
+
+
+def is_packed_export(path: str | Path) -> bool:
+    """A `scripts/export.py --format packed` checkpoint (compressed-tensors integer weights plus `llm_qat`)."""
+    config = saved_config(path)
+    return bool(config.get(CONFIG_KEY)) and (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+        except SafetensorError as err:
+            raise OSError(f"{file} cannot be read ({err}); the file is truncated or damaged: export it again") from None
     return tensors
 
 

@@ -1,5 +1,7 @@
 """Fake quantizers of LLM-QAT (Liu et al., 2023, section 2.2) with a straight-through gradient.
 
+Rule: copied into every saved checkpoint with `quantize.py` (see there): imports only torch and the standard library.
+
 Every quantizer here works per row of the last dimension, which covers all three uses in the paper:
   - weights   [out, in]        -> one scale per output channel (row),
   - activations [..., tokens, d] -> one scale per token,

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.export import export, export_folded, export_packed, integer_weight, load_packed
-from models.quantize import QATConfig, QuantLinear, quantize_model, quantized_modules, save_quantized
+from models.checkpoint import save_quantized
+from models.quantize import QATConfig, QuantLinear, quantize_model, quantized_modules
 from utils.loading import load_model
 
 VOCAB = 128

@@ -95,7 +95,7 @@ def test_embedded_default_is_smollm2_135m():
 
 def test_every_name_of_the_default_means_the_same_teacher():
     from utils.loading import DEFAULT_MODEL_NAME, is_default_model, model_display_name
-    from utils.synthesis import teacher_name
+    from utils.records import teacher_name
 
     for name in (None, "", "default", DEFAULT_MODEL_NAME):
         assert is_default_model(name) and model_display_name(name) == DEFAULT_MODEL_NAME

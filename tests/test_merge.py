@@ -4,15 +4,20 @@ import json
 import pytest
 
 import merge_gen_data
+from utils.records import SequenceRecord, TeacherIdentity
+from utils.synthesis import SamplingConfig
 from utils.merge import MixedTeachersError, find_shard_files, heldout_start_tokens, merge_shards
 
-TEACHER = "tiny|vocab=128|tokenizer=abc"
+TEACHER = str(TeacherIdentity("tiny", 128, "abc"))
+SAMPLING = SamplingConfig().describe()
 
 
 def line(ids, teacher=TEACHER, greedy=3, **changes):
-    record = {"text": "t", "input_ids": ids, "start_token": ids[0] if ids else 0, "greedy_tokens": greedy,
-              "shard": 0, "teacher": teacher, **changes}
-    return json.dumps(record) + "\n"
+    """A shard line as generate_data.py writes it, with `changes` (possibly invalid values) on top."""
+    record = SequenceRecord([1], 1, 3, 0, 1, TeacherIdentity.parse(TEACHER), SAMPLING, "t")
+    fields = {**json.loads(record.to_line()), "input_ids": ids, "start_token": ids[0] if ids else 0,
+              "greedy_tokens": greedy, "teacher": teacher, **changes}
+    return json.dumps(fields) + "\n"
 
 
 def write_shards(directory, *shards):

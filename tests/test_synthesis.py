@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from utils.loading import load_tokenizer
+from utils.records import TeacherIdentity
 from utils.synthesis import (SamplingConfig, apply_preset, choose_start_tokens, eligible_start_tokens,
                              generate_batch, read_finished, resolve_shard, sample_top_k, shard_path,
                              shard_start_tokens, special_token_ids, synthesize_shard)
 
-TEACHER = "tiny|vocab=128|tokenizer=test"
+TEACHER = TeacherIdentity("tiny", 128, "test")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,7 @@ def test_shard_lines_hold_the_promised_fields(tiny_llama, tokenizer, tmp_path):
     for record in records:
         assert record["input_ids"][0] == record["start_token"] and 1 < len(record["input_ids"]) <= 10
         assert record["text"] == tokenizer.decode(record["input_ids"])
-        assert (record["shard"], record["teacher"]) == (0, TEACHER)
+        assert (record["shard"], record["teacher"]) == (0, str(TEACHER))
 
 
 def test_same_command_same_output(tiny_llama, tokenizer, tmp_path):

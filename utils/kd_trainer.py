@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from models.quantize import write_remote_code
+from models.checkpoint import write_remote_code
 
 REDUCTIONS = ("batchmean", "token_mean")
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.checkpoint import load_student
+from models.export import is_packed_export, load_packed
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -94,14 +97,6 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     return str(name_or_path)  # a hub name: from_pretrained downloads it (needs network access)
 
 
-def is_packed_export(path: str) -> bool:
-    """A `scripts/export.py --format packed` checkpoint (compressed-tensors integer weights plus `llm_qat`)."""
-    from models.quantize import CONFIG_KEY, saved_config  # here, not at module top: `models` must not depend on `utils`
-
-    config = saved_config(path)
-    return bool(config.get(CONFIG_KEY)) and (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
-
-
 def not_loadable(name_or_path, err: Exception) -> str:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"could not load '{name_or_path}' ({first_line}); it is no local directory, and a hub name needs "
@@ -122,22 +117,18 @@ def load_tokenizer(name_or_path: str | None = None):
 def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                quantized: bool = True):
     """Load a causal LM. A saved QAT student (its config holds `llm_qat`) comes back quantized unless
-    `quantized=False` (used to load its float weights as a teacher)."""
-    from models.quantize import quantize_model  # here, not at module top: `models` must not depend on `utils`
-
+    `quantized=False` (used to load its float weights as a teacher); a packed export comes back as the student."""
     path = resolve_model_path(name_or_path)
-    if quantized and is_packed_export(path):
-        from models.export import load_packed  # integer weights: decompress, then re-apply the llm_qat quantizers
-
+    if quantized and is_packed_export(path):  # integer weights: decompress, then re-apply the llm_qat quantizers
         return load_packed(path, device).eval()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = load_student(path, dtype, quantized)
     except OSError as err:
+        if Path(path).is_dir():  # a local checkpoint's own problem (e.g. a damaged weight file): said as it is
+            raise
         raise OSError(not_loadable(name_or_path, err)) from err
-    bits = getattr(model.config, "llm_qat", None)
-    if quantized and bits:
-        quantize_model(model, **bits)
-        logger.info("Loaded %s as a quantized student: %s", path, bits)
+    if quantized and getattr(model.config, "llm_qat", None):
+        logger.info("Loaded %s as a quantized student: %s", path, model.config.llm_qat)
     return model.to(device).eval()
 
 

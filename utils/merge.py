@@ -3,7 +3,8 @@
 A line is kept when it is a JSON object with the fields generate_data.py writes, non-empty token ids inside
 the teacher's vocabulary, and token ids not already kept (an identical sequence, e.g. from overlapping
 shard runs, is a duplicate). Other lines are skipped and counted. Shards from different teachers (their
-`teacher` identities differ) are refused: their token ids mean different things. Shards are only read; the
+`teacher` identities differ) are refused: their token ids mean different things; so are shards generated
+with different sampling settings (length, seed, ...), unless the user allows it. Shards are only read; the
 output is written beside itself and renamed into place, so an interrupted merge leaves no half file.
 
 `heldout` moves every sequence of N start tokens into a second file, so a held-out evaluation never shares a
@@ -16,19 +17,21 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.records import SequenceRecord, TeacherIdentity
+
 logger = logging.getLogger(__name__)
 
-REQUIRED_FIELDS = {"text": str, "input_ids": list, "start_token": int, "greedy_tokens": int, "shard": int,
-                   "teacher": str}
-VOCAB_SIZE_IN_TEACHER = re.compile(r"\|vocab=(\d+)\|")
 LOCATIONS_SHOWN = 5
 
 
 class MixedTeachersError(ValueError):
+    pass
+
+
+class MixedSettingsError(ValueError):
     pass
 
 
@@ -51,30 +54,6 @@ def find_shard_files(inputs: list[str], exclude: tuple[Path, ...] = ()) -> list[
     return list(dict.fromkeys(f for f in files if f.resolve() not in excluded))
 
 
-def parse_line(line: str) -> dict:
-    """The record of one line; ValueError naming what is wrong otherwise."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise ValueError("not JSON (a half-written line?)") from None
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    for name, kind in REQUIRED_FIELDS.items():
-        if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
-            raise ValueError(f"field '{name}' missing or not {kind.__name__}")
-    vocab = VOCAB_SIZE_IN_TEACHER.search(record["teacher"])
-    if vocab is None:
-        raise ValueError("teacher identity has no vocabulary size")
-    ids = record["input_ids"]
-    if not ids:
-        raise ValueError("no token ids")
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < int(vocab.group(1)) for i in ids):
-        raise ValueError(f"token ids outside the vocabulary 0..{int(vocab.group(1)) - 1}")
-    if ids[0] != record["start_token"]:
-        raise ValueError("input_ids do not begin with start_token")
-    return record
-
-
 def sequence_digest(ids: list[int]) -> bytes:
     return hashlib.blake2b(json.dumps(ids).encode(), digest_size=16).digest()
 
@@ -94,9 +73,9 @@ class SplitStatistics:
     lengths: list[int] = field(default_factory=list)
     start_tokens: set[int] = field(default_factory=set)
 
-    def add(self, record: dict):
-        self.lengths.append(len(record["input_ids"]))
-        self.start_tokens.add(record["start_token"])
+    def add(self, record: SequenceRecord):
+        self.lengths.append(len(record.input_ids))
+        self.start_tokens.add(record.start_token)
 
     def describe(self) -> str:
         if not self.lengths:
@@ -112,7 +91,8 @@ class MergeReport:
     duplicates: int = 0
     train: SplitStatistics = field(default_factory=SplitStatistics)
     heldout: SplitStatistics = field(default_factory=SplitStatistics)
-    teacher: str = ""
+    teacher: TeacherIdentity | None = None
+    settings: list[str] = field(default_factory=list)  # the sampling settings met, in order
 
     @property
     def kept(self) -> int:
@@ -137,8 +117,9 @@ def refuse_overwrite(path: Path, force: bool):
 
 
 def merge_shards(files: list[Path], output: Path, force: bool = False, heldout: int = 0,
-                 seed: int = 0) -> MergeReport:
-    """Write the valid, distinct lines of `files` to `output` (and `heldout.jsonl` beside it when `heldout`)."""
+                 seed: int = 0, allow_mixed_settings: bool = False) -> MergeReport:
+    """Write the valid, distinct lines of `files` to `output` (and `heldout.jsonl` beside it when `heldout`).
+    Shards of one teacher only, and of one sampling setting unless `allow_mixed_settings`."""
     output = Path(output)
     heldout_path = heldout_file(output)
     refuse_overwrite(output, force)
@@ -148,7 +129,7 @@ def merge_shards(files: list[Path], output: Path, force: bool = False, heldout: 
     report = MergeReport()
     seen = set()
     kept_tmp = output.with_name(output.name + ".tmp")
-    teacher_file = None
+    teacher_file, settings_file = None, None
     try:
         # Pass 1: validate into a temporary file; held-out start tokens need every start token known first.
         with kept_tmp.open("w") as kept:
@@ -157,18 +138,27 @@ def merge_shards(files: list[Path], output: Path, force: bool = False, heldout: 
                     for line_number, line in enumerate(f, 1):
                         location = f"{path.name}:{line_number}"
                         try:
-                            record = parse_line(line)
+                            record = SequenceRecord.from_line(line)
                         except ValueError as err:
                             logger.warning("Skipping %s: %s", location, err)
                             report.malformed.append(location)
                             continue
-                        if not report.teacher:
-                            report.teacher, teacher_file = record["teacher"], path
-                        elif record["teacher"] != report.teacher:
+                        if report.teacher is None:
+                            report.teacher, teacher_file = record.teacher, path
+                        elif record.teacher != report.teacher:
                             raise MixedTeachersError(
-                                f"{location} comes from teacher {record['teacher']} but {teacher_file} from "
+                                f"{location} comes from teacher {record.teacher} but {teacher_file} from "
                                 f"{report.teacher}; merge the shards of one teacher at a time")
-                        digest = sequence_digest(record["input_ids"])
+                        if not report.settings:
+                            report.settings, settings_file = [record.sampling], path
+                        elif record.sampling not in report.settings:
+                            if not allow_mixed_settings:
+                                raise MixedSettingsError(
+                                    f"{location} was generated with '{record.sampling}' but {settings_file} with "
+                                    f"'{report.settings[0]}'; merge one setting at a time, or pass "
+                                    "--allow-mixed-settings")
+                            report.settings.append(record.sampling)
+                        digest = sequence_digest(record.input_ids)
                         if digest in seen:
                             report.duplicates += 1
                             continue
@@ -196,8 +186,8 @@ def split_heldout(kept_path: Path, output: Path, heldout_path: Path, count: int,
     try:
         with kept_path.open() as kept, train_tmp.open("w") as train, heldout_tmp.open("w") as heldout:
             for line in kept:
-                record = json.loads(line)
-                split = report.heldout if record["start_token"] in held else report.train
+                record = SequenceRecord.from_line(line)
+                split = report.heldout if record.start_token in held else report.train
                 split.add(record)
                 (heldout if split is report.heldout else train).write(line)
         os.replace(train_tmp, output)

@@ -33,13 +33,17 @@ DEFAULT_TEXT = (
 )
 
 
-def token_sequences(tokenizer, path: str | Path | None = None, max_length: int = 2048) -> list[list[int]]:
-    """Token id lists from a `.jsonl` file of sequences or any other text file; no path means `DEFAULT_TEXT`.
-    Sequences longer than `max_length` are cut into consecutive windows."""
+def token_sequences(tokenizer, path: str | Path | None = None, max_length: int = 2048, teacher=None,
+                    vocab_size: int | None = None) -> list[list[int]]:
+    """Token id lists from a `.jsonl` file of sequences (checked as `utils.data.read_token_sequences` does, against
+    `teacher` and `vocab_size`) or any other text file; no path means `DEFAULT_TEXT`. Sequences longer than
+    `max_length` are cut into consecutive windows."""
+    if max_length < 2:
+        raise ValueError(f"--max-length {max_length} must be at least 2: perplexity needs a token to predict")
     if path is None:
         sequences = [tokenizer(DEFAULT_TEXT)["input_ids"]]
     elif Path(path).suffix == ".jsonl":
-        sequences = read_token_sequences(path, tokenizer)
+        sequences = read_token_sequences(path, tokenizer, teacher, vocab_size)
     elif Path(path).is_file():
         sequences = [tokenizer(Path(path).read_text())["input_ids"]]
     else:

@@ -17,13 +17,14 @@ by line and flushed per batch; a rerun drops a half-written last line and skips 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import json
 import logging
+import math
 import os
 import random
-import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,8 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from utils.loading import DEFAULT_MODEL_NAME, is_default_model
+from utils.cli import ensure_writable_dir
+from utils.records import SequenceRecord, TeacherIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,9 @@ class SamplingConfig:
         if self.max_length < max(self.greedy_lengths):
             raise ValueError(f"--max-length {self.max_length} is shorter than the greedy prefix "
                              f"{max(self.greedy_lengths)}; raise --max-length or lower --greedy-lengths")
-        if self.temperature <= 0 or self.top_k < 0:
-            raise ValueError("--temperature must be > 0 and --top-k >= 0 (0 = no top-k filter)")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)) or self.top_k < 0:
+            raise ValueError(f"--temperature {self.temperature} must be a finite number > 0 and --top-k "
+                             f"{self.top_k} >= 0 (0 = no top-k filter)")
 
     def describe(self) -> str:
         """Recorded in every line, so a rerun with other settings cannot silently extend a shard."""
@@ -129,9 +132,10 @@ def resolve_shard(shard: int | None, num_shards: int | None, positional: int | N
         default_count = PAPER_NUM_SHARDS if positional is not None else 1
         num_shards = num_shards if num_shards is not None else default_count
     elif "RANK" in environ and "WORLD_SIZE" in environ:
-        shard, num_shards = int(environ["RANK"]), int(num_shards or environ["WORLD_SIZE"])
+        shard = int(environ["RANK"])
+        num_shards = num_shards if num_shards is not None else int(environ["WORLD_SIZE"])
     else:
-        shard, num_shards = 0, num_shards or 1
+        shard, num_shards = 0, num_shards if num_shards is not None else 1
     check_shard(shard, num_shards)
     return shard, num_shards
 
@@ -249,25 +253,9 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos)
 
 
-# ---- teacher identity and the append-only shard file ----
+# ---- the append-only shard file ----
 
-def teacher_name(model_argument: str | None) -> str:
-    """A local directory counts by its name, so nodes that hold the same teacher at different paths agree."""
-    if is_default_model(model_argument):
-        return DEFAULT_MODEL_NAME
-    path = Path(model_argument)
-    return path.resolve().name if path.is_dir() else model_argument
-
-
-def teacher_identity(name: str, tokenizer, vocab_size: int) -> str:
-    """Name, model vocabulary size and a hash of the tokenizer's vocabulary: merge refuses to mix shards whose
-    token ids mean different things."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]))
-    digest = hashlib.sha256(vocab.encode()).hexdigest()[:12]
-    return f"{name}|vocab={vocab_size}|tokenizer={digest}"
-
-
-def read_finished(path: Path, teacher: str, settings: str) -> set[tuple[int, int]]:
+def read_finished(path: Path, teacher: TeacherIdentity, settings: str) -> set[tuple[int, int]]:
     """(start token, greedy length) of every complete line already in `path`. A half-written last line (the
     process was killed while writing it) is cut off the file, so appending continues on a line boundary."""
     if not path.exists():
@@ -281,17 +269,29 @@ def read_finished(path: Path, teacher: str, settings: str) -> set[tuple[int, int
     finished = set()
     for line_number, line in enumerate(data[:complete].splitlines(), 1):
         try:
-            record = json.loads(line)
-            key = (record["start_token"], record["greedy_tokens"])
-            line_teacher, line_settings = record["teacher"], record["sampling"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = SequenceRecord.from_line(line)
+        except ValueError:
             raise ValueError(f"{path}:{line_number} is not a line this tool wrote; move {path} away or "
                              "pick another --output-dir") from None
-        if line_teacher != teacher or line_settings != settings:
-            raise ValueError(f"{path} was written by {line_teacher} with '{line_settings}', but this run uses "
+        if record.teacher != teacher or record.sampling != settings:
+            raise ValueError(f"{path} was written by {record.teacher} with '{record.sampling}', but this run uses "
                              f"{teacher} with '{settings}'; pass another --output-dir or delete {path}")
-        finished.add(key)
+        finished.add((record.start_token, record.greedy_tokens))
     return finished
+
+
+@contextmanager
+def shard_lock(path: Path):
+    """Only one process writes a shard: a second identical run would append every sequence again. The lock is
+    the kernel's (flock), so a killed run never leaves it held."""
+    lock_path = path.with_name(path.name + ".lock")
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another generate_data.py is writing {path}; wait for it to finish, or pass another "
+                             "--output-dir or --shard") from None
+        yield
 
 
 def plan_batches(start_tokens: list[int], greedy_lengths: tuple[int, ...], batch_size: int):
@@ -303,53 +303,39 @@ def plan_batches(start_tokens: list[int], greedy_lengths: tuple[int, ...], batch
             yield greedy_tokens, chunk
 
 
-def ensure_writable_dir(directory: str | Path) -> Path:
-    """Checked before the model loads, so a bad --output-dir fails in a second, not after minutes."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise OSError(f"output directory {directory} is not writable ({err.strerror}); "
-                      "pass a writable --output-dir") from None
-    return directory
-
-
 def synthesize_shard(model, tokenizer, start_tokens: list[int], path: Path, config: SamplingConfig,
-                     batch_size: int, shard: int, num_shards: int, teacher: str) -> int:
+                     batch_size: int, shard: int, num_shards: int, teacher: TeacherIdentity) -> int:
     """Write every (start token, greedy length) sequence of this shard that `path` does not hold yet.
     Returns the number of sequences written by this call."""
     config.check()
     settings = config.describe()
-    finished = read_finished(path, teacher, settings)
-    # A batch with any sequence missing runs whole, so resuming repeats the exact computation of an
-    # uninterrupted run; only the missing lines are written.
-    batches = []
-    for greedy_tokens, chunk in plan_batches(start_tokens, config.greedy_lengths, batch_size):
-        missing = {token for token in chunk if (token, greedy_tokens) not in finished}
-        if missing:
-            batches.append((greedy_tokens, chunk, missing))
-    todo = sum(len(missing) for _, _, missing in batches)
-    total = len(start_tokens) * len(config.greedy_lengths)
-    logger.info("Shard %d of %d: %d start tokens, %d sequences (%d already in %s), batch size %d",
-                shard, num_shards, len(start_tokens), total, total - todo, path, batch_size)
-    stop_tokens = stop_token_ids(model, tokenizer)
-    generated_tokens, began = 0, time.perf_counter()
     ensure_writable_dir(path.parent)
-    with path.open("a") as out, tqdm(total=todo, unit="seq", desc=f"shard {shard}") as progress:
-        for greedy_tokens, chunk, missing in batches:
-            sequences = generate_batch(model, chunk, greedy_tokens, config, stop_tokens)
-            written = [ids for ids in sequences if ids[0] in missing]
-            for ids in written:
-                record = {"text": tokenizer.decode(ids), "input_ids": ids, "start_token": ids[0],
-                          "greedy_tokens": greedy_tokens, "shard": shard, "num_shards": num_shards,
-                          "teacher": teacher, "sampling": settings}
-                out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())  # a batch on disk survives a crash; a later kill can only cut the last line
-            generated_tokens += sum(len(ids) - 1 for ids in sequences)
-            progress.update(len(written))
-            progress.set_postfix(tok_per_s=f"{generated_tokens / (time.perf_counter() - began):.0f}")
+    with shard_lock(path):
+        finished = read_finished(path, teacher, settings)
+        # A batch with any sequence missing runs whole, so resuming repeats the exact computation of an
+        # uninterrupted run; only the missing lines are written.
+        batches = []
+        for greedy_tokens, chunk in plan_batches(start_tokens, config.greedy_lengths, batch_size):
+            missing = {token for token in chunk if (token, greedy_tokens) not in finished}
+            if missing:
+                batches.append((greedy_tokens, chunk, missing))
+        todo = sum(len(missing) for _, _, missing in batches)
+        total = len(start_tokens) * len(config.greedy_lengths)
+        logger.info("Shard %d of %d: %d start tokens, %d sequences (%d already in %s), batch size %d",
+                    shard, num_shards, len(start_tokens), total, total - todo, path, batch_size)
+        stop_tokens = stop_token_ids(model, tokenizer)
+        generated_tokens, began = 0, time.perf_counter()
+        with path.open("a") as out, tqdm(total=todo, unit="seq", desc=f"shard {shard}") as progress:
+            for greedy_tokens, chunk, missing in batches:
+                sequences = generate_batch(model, chunk, greedy_tokens, config, stop_tokens)
+                written = [ids for ids in sequences if ids[0] in missing]
+                for ids in written:
+                    out.write(SequenceRecord(ids, ids[0], greedy_tokens, shard, num_shards, teacher, settings,
+                                             tokenizer.decode(ids)).to_line())
+                out.flush()
+                os.fsync(out.fileno())  # a batch on disk survives a crash; a later kill can only cut the last line
+                generated_tokens += sum(len(ids) - 1 for ids in sequences)
+                progress.update(len(written))
+                progress.set_postfix(tok_per_s=f"{generated_tokens / (time.perf_counter() - began):.0f}")
     logger.info("Wrote %d sequences (%d generated tokens) to %s", todo, generated_tokens, path)
     return todo
