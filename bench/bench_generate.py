@@ -10,16 +10,13 @@ so both do the same amount of work per sequence. The loop is slow, so it times o
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import torch  # noqa: E402
+import torch
 
-from utils.loading import load_model_and_tokenizer  # noqa: E402
-from utils.synthesis import SamplingConfig, eligible_start_tokens, generate_batch, resolve_device  # noqa: E402
+from utils.loading import load_model_and_tokenizer
+from utils.synthesis import SamplingConfig, eligible_start_tokens, generate_batch, resolve_device
 
 
 def batched_run(model, start_tokens, config):

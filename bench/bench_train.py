@@ -15,16 +15,14 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from models import quantize_model  # noqa: E402
-from utils.kd_trainer import kd_loss  # noqa: E402
-from utils.loading import load_model  # noqa: E402
+from models import quantize_model
+from utils.kd_trainer import kd_loss
+from utils.loading import load_model
 
 CONFIGS = {  # name: (bits W-A-KV, loss)
     "KD 16-16-16, chunked KL": ((16, 16, 16), "chunked"),

@@ -70,7 +70,7 @@ stage "3a. evaluate FP teacher" evaluate fp default
 stage "3b. evaluate RTN $BITS" evaluate "rtn-$BITS" default "$W_BITS" "$A_BITS" "$KV_BITS"
 stage "4. QAT $BITS (scripts/run_train.sh)" train
 stage "5. evaluate QAT $BITS" evaluate "qat-$BITS" "$QAT_DIR"
-stage "6. report" "$PYTHON" -m utils.compare "$RESULTS/fp.json" "$RESULTS/rtn-$BITS.json" "$RESULTS/qat-$BITS.json" --out "$OUT"
+stage "6. report" "$PYTHON" scripts/compare.py "$RESULTS/fp.json" "$RESULTS/rtn-$BITS.json" "$RESULTS/qat-$BITS.json" --out "$OUT"
 echo "| total | $((SECONDS - demo_start)) |" >> "$TIMINGS"
 
 echo; cat "$OUT/results.md"; echo; cat "$TIMINGS"

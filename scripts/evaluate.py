@@ -1,4 +1,4 @@
-"""Evaluate a model as the paper does and write one JSON result file for `python -m utils.compare`.
+"""Evaluate a model as the paper does and write one JSON result file for `scripts/compare.py`.
 
     python scripts/evaluate.py output/qat                      # a QAT checkpoint (loads quantized)
     python scripts/evaluate.py default 4 8 4                   # RTN baseline: embedded default, W4A8KV4, no training
@@ -14,20 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from models import quantize_model  # noqa: E402
-from utils.harness import DEFAULT_TASKS, HarnessDataError, flatten_results, log_quantization, run_harness  # noqa: E402
-from utils.loading import load_model, load_tokenizer, model_display_name  # noqa: E402
-from utils.metrics import perplexity, teacher_fidelity, token_sequences  # noqa: E402
+from models.checkpoint import saved_settings
+from models.quantize import CONFIG_KEY, QATConfig, quantize_model
+from utils.cli import check_output_file, user_errors
+from utils.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
+from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
+from utils.metrics import perplexity, teacher_fidelity, token_sequences
+from utils.records import TeacherIdentity
 
 logger = logging.getLogger("evaluate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` above 0 (argparse names the flag in its error)."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def parse_args(argv=None):
@@ -40,15 +51,17 @@ def parse_args(argv=None):
                         help="comma-separated lm-eval tasks, or 'none' for the offline metrics only "
                              "(default: the paper's eight zero-shot tasks and wikitext)")
     parser.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. tests/data)")
-    parser.add_argument("--limit", type=float, help="evaluate at most this many examples per task (quick checks)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--limit", type=positive(float), help="evaluate at most this many examples per task, or this "
+                                                               "fraction of each task if below 1 (quick checks)")
+    parser.add_argument("--batch-size", type=positive(int), default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--text-file", help="text or .jsonl file for perplexity (default: a built-in paragraph)")
     parser.add_argument("--heldout", help=".jsonl of held-out generated sequences: KL to teacher, top-1 agreement")
     parser.add_argument("--teacher", help="full-precision teacher for --heldout (default: the model itself "
                                           "unquantized; required for a QAT checkpoint)")
-    parser.add_argument("--max-length", type=int, default=2048, help="tokens per sequence for the offline metrics")
+    parser.add_argument("--max-length", type=positive(int), default=2048,
+                        help="tokens per sequence for the offline metrics")
     parser.add_argument("--output", help="result JSON file (default: results/<model>-<method>-<bits>.json)")
     args = parser.parse_args(argv)
     if len(args.bits) not in (0, 3):
@@ -63,64 +76,62 @@ def parse_args(argv=None):
     return args
 
 
-def load_evaluated_model(args, dtype):
-    """(model, method, bits): a QAT checkpoint as saved, or a float model, RTN-quantized when bits are given."""
-    model = load_model(args.model, dtype=dtype, device=args.device)
-    saved_bits = getattr(model.config, "llm_qat", None)
-    if saved_bits:
+def evaluated_method(args, saved: QATConfig | None) -> tuple[str, QATConfig]:
+    """What is evaluated, decided from the command line and the checkpoint's config alone (before any load):
+    `qat` for a saved student, `rtn` for a float model with W A KV, `fp` otherwise."""
+    if saved is not None:
         if args.bits:
-            raise SystemExit(f"error: {args.model} is already a QAT checkpoint (W{saved_bits['w_bits']} "
-                             f"A{saved_bits['a_bits']} KV{saved_bits['kv_bits']}); omit W A KV, which are for "
-                             "the RTN baseline of a full-precision model")
-        return model, "qat", saved_bits
-    w_bits, a_bits, kv_bits = args.bits or (16, 16, 16)
-    if (w_bits, a_bits, kv_bits) == (16, 16, 16):
-        return model, "fp", dict(w_bits=16, a_bits=16, kv_bits=16)
-    try:
-        quantize_model(model, w_bits, a_bits, kv_bits)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    return model, "rtn", dict(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits)
+            raise ValueError(f"{args.model} is already a QAT checkpoint (W{saved.w_bits} A{saved.a_bits} "
+                             f"KV{saved.kv_bits}); omit W A KV, which are for the RTN baseline of a full-precision model")
+        if args.heldout and not args.teacher:
+            raise ValueError("--heldout on a QAT checkpoint needs --teacher MODEL, the full-precision model it was "
+                             "trained from ('default' for the embedded SmolLM2-135M)")
+        return "qat", saved
+    bits = QATConfig(*args.bits) if args.bits else QATConfig()
+    return ("fp" if bits == QATConfig() else "rtn"), bits
 
 
-def load_teacher(args, dtype):
-    """The full-precision teacher: `--teacher`, else the evaluated model's own float weights (FP / RTN)."""
-    return load_model(args.teacher or args.model, dtype=dtype, device=args.device, quantized=False)
-
-
-def default_output(args, method, bits) -> Path:
+def default_output(args, method, bits: QATConfig) -> Path:
     name = Path(model_display_name(args.model).rstrip("/")).name
-    return Path("results") / f"{name}-{method}-w{bits['w_bits']}a{bits['a_bits']}kv{bits['kv_bits']}.json"
+    return Path("results") / f"{name}-{method}-w{bits.w_bits}a{bits.a_bits}kv{bits.kv_bits}.json"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    with user_errors("evaluate.py"):
+        return evaluate(args)
+
+
+def evaluate(args) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     tasks = [] if tasks == ["none"] else tasks
 
-    try:  # everything that can fail on bad input happens before the (long) harness run
-        tokenizer = load_tokenizer(args.model)
-        model, method, bits = load_evaluated_model(args, dtype)
-        text = token_sequences(tokenizer, args.text_file, args.max_length)
-        heldout = token_sequences(tokenizer, args.heldout, args.max_length) if args.heldout else None
-        teacher = load_teacher(args, dtype) if heldout and (method != "qat" or args.teacher) else None
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise SystemExit(f"error: {err}") from None
-    if args.heldout and method == "qat" and not args.teacher:  # say so now, not after a long harness run
-        raise SystemExit("error: --heldout on a QAT checkpoint needs --teacher MODEL, the full-precision model it "
-                         "was trained from ('default' for the embedded SmolLM2-135M)")
-    logger.info("Evaluating %s as %s W%d A%d KV%d (%s on %s)", args.model, method.upper(), bits["w_bits"],
-                bits["a_bits"], bits["kv_bits"], dtype, args.device)
+    # Everything that can fail on bad input happens before the (long) evaluation, the output path first.
+    path = resolve_model_path(args.model)
+    method, bits = evaluated_method(args, saved_settings(path) if Path(path).is_dir() else None)
+    output = check_output_file(args.output or default_output(args, method, bits))
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype=dtype, device=args.device)
+    if method != "qat" and getattr(model.config, CONFIG_KEY, None):
+        raise ValueError(f"{args.model} is a QAT checkpoint from the hub; download it to a directory and pass that")
+    if method == "rtn":
+        quantize_model(model, bits)
+    vocab_size = model.config.vocab_size
+    text = token_sequences(tokenizer, args.text_file, args.max_length, vocab_size=vocab_size)
+    heldout, teacher = None, None
+    if args.heldout:  # generated by another teacher, its token ids would mean other words: refused
+        expected = TeacherIdentity.of(model_display_name(args.model), tokenizer, vocab_size)
+        heldout = token_sequences(tokenizer, args.heldout, args.max_length, teacher=expected, vocab_size=vocab_size)
+        teacher = load_model(args.teacher or path, dtype=dtype, device=args.device, quantized=False)
+    logger.info("Evaluating %s as %s W%d A%d KV%d (%s on %s)", args.model, method.upper(), bits.w_bits,
+                bits.a_bits, bits.kv_bits, dtype, args.device)
 
     metrics = {}
     if tasks:  # the harness logs the quantized modules before it starts
-        try:
-            results = run_harness(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size)
-        except (HarnessDataError, ValueError, FileNotFoundError) as err:
-            raise SystemExit(f"error: {err}") from None
-        metrics.update(flatten_results(results))
+        metrics.update(flatten_results(run_harness(model, tokenizer, tasks, args.include_path, args.limit,
+                                                   args.batch_size)))
     else:
         log_quantization(model)
     metrics["perplexity"] = perplexity(model, text, args.batch_size, tokenizer.pad_token_id)
@@ -132,7 +143,7 @@ def main(argv=None) -> dict:
 
     record = {
         "method": method,
-        "bits": {"w": bits["w_bits"], "a": bits["a_bits"], "kv": bits["kv_bits"]},
+        "bits": {"w": bits.w_bits, "a": bits.a_bits, "kv": bits.kv_bits},
         "model": model_display_name(args.teacher if method == "qat" and args.teacher else args.model),  # the table's group
         "checkpoint": model_display_name(args.model),
         "metrics": metrics,
@@ -140,8 +151,6 @@ def main(argv=None) -> dict:
                      "batch_size": args.batch_size, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
                      "text_file": args.text_file, "heldout": args.heldout, "teacher": args.teacher},
     }
-    output = Path(args.output) if args.output else default_output(args, method, bits)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
     for name, value in metrics.items():
         print(f"{name:40s} {value:.4f}")

@@ -7,13 +7,11 @@ CKPT is a directory saved by a QAT run (its config.json has `llm_qat`). See docs
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.export import FORMATS, PACKED, export  # noqa: E402
-from utils.loading import resolve_model_path  # noqa: E402
+from models.export import FORMATS, PACKED, export
+from utils.cli import user_errors
+from utils.loading import resolve_model_path
 
 
 def weight_bytes(directory: Path) -> int:
@@ -27,14 +25,14 @@ def main(argv=None):
     parser.add_argument("out", help="output directory")
     parser.add_argument("--format", choices=FORMATS, default=PACKED,
                         help="packed: integer weights + scales (compressed-tensors); folded: dequantized float weights")
+    parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty output directory "
+                        "(never allowed: the checkpoint itself, or a training run and its checkpoints)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    try:
-        out = export(args.checkpoint, args.out, args.format)
-    except (ValueError, OSError) as err:
-        parser.exit(2, f"error: {err}\n")
-    source = Path(resolve_model_path(args.checkpoint))
+    with user_errors("export.py"):
+        source = Path(resolve_model_path(args.checkpoint))
+        out = export(source, args.out, args.format, args.force)
     size_in, size_out = weight_bytes(source), weight_bytes(out)
     print(f"input  {source}: {size_in / 1e6:.1f} MB of weights")
     print(f"output {out} ({args.format}): {size_out / 1e6:.1f} MB of weights")

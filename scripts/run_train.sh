@@ -24,8 +24,16 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 CPU_MAX_LENGTH=${CPU_MAX_LENGTH:-128}
 CPU_BATCH_SIZE=${CPU_BATCH_SIZE:-4}
 CPU_LEARNING_RATE=${CPU_LEARNING_RATE:-1e-4}
-CPU_EPOCHS=${CPU_EPOCHS:-2}
+CPU_EPOCHS=${CPU_EPOCHS:-1}
 
+# The bits are checked before anything long starts (data generation, model loading).
+"$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" <<'CHECK'
+import sys
+from models.quantize import QATConfig
+from utils.cli import user_errors
+with user_errors("run_train.sh"):
+    QATConfig(*(int(bits) if bits.lstrip("-").isdigit() else bits for bits in sys.argv[1:]))
+CHECK
 NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 model_arg=()
 [ -n "$MODEL" ] && model_arg=(--model_name_or_path "$MODEL")

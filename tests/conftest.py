@@ -7,13 +7,27 @@
 - `tiny_input_ids`: a fixed batch of token ids, shape [2, 12], for `tiny_llama`.
 - `make_tiny_model(config, dtype=torch.float32, seed=0)`: the same recipe for any config (Llama, Qwen2,
   Mistral, ...) and dtype; the same seed gives the same weights, so two calls give two identical models.
+- `load_script(name)`: a command line of `scripts/` (e.g. "evaluate") as a module, to call its `main(argv)`.
 """
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 TINY_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _make_tiny_model(config, dtype=torch.float32, seed=0):

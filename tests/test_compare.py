@@ -1,9 +1,11 @@
-"""utils.compare: the table holds the numbers of the result files, and a PNG is written."""
+"""scripts/compare.py (utils.compare): the table holds the numbers of the result files, and a PNG is written."""
 import json
 
 import pytest
 
-from utils.compare import main
+from conftest import load_script
+
+main = load_script("compare").main
 
 RESULTS = {
     "qat.json": {"method": "qat", "bits": {"w": 4, "a": 8, "kv": 4}, "model": "m",

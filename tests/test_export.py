@@ -1,5 +1,4 @@
 """Exports of a QAT student: packed integer weights that load back bit for bit, and folded float weights."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from models.export import export, export_folded, export_packed, integer_weight, 
 from models.checkpoint import save_quantized
 from models.quantize import QATConfig, QuantLinear, quantize_model, quantized_modules
 from utils.loading import load_model
+
+from conftest import load_script
 
 VOCAB = 128
 
@@ -172,9 +173,7 @@ def test_packed_refuses_unquantized_weights(tmp_path):
 
 
 def test_cli_prints_sizes_and_ratio(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("export_cli", Path(__file__).parents[1] / "scripts" / "export.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("export")
     checkpoint = save_student(tmp_path / "qat", w_bits=4)
     cli.main([str(checkpoint), str(tmp_path / "packed"), "--format", "packed"])
     printed = capsys.readouterr().out
@@ -197,3 +196,47 @@ def test_w4_packed_default_model_is_at_most_035_of_bf16_linears(tmp_path):
     packed_bytes = sum(itemsize[dtype] * torch.Size(shape).numel() for key, (dtype, shape) in entries.items()
                        if key.rpartition(".")[2] in ("weight_packed", "weight_scale", "weight_shape"))
     assert packed_bytes <= 0.35 * 2 * linear_elements
+
+
+# ---- bad targets and damaged files: refused before any work, nothing overwritten ----
+
+def test_a_non_empty_output_needs_force_and_force_replaces_it(tmp_path):
+    checkpoint = save_student(tmp_path / "qat", w_bits=4)
+    other = tmp_path / "other_model"
+    tiny_llama().save_pretrained(other)
+    before = {path.name: path.read_bytes() for path in other.iterdir()}
+    with pytest.raises(ValueError, match="is not empty; pass --force"):
+        export(checkpoint, other, "packed")
+    assert {path.name: path.read_bytes() for path in other.iterdir()} == before
+    export(checkpoint, other, "packed", force=True)
+    assert_same_logits(load_model(checkpoint), load_model(other))
+    assert not list(tmp_path.glob(".other_model-*"))  # the staging directory is gone
+
+
+def test_a_training_run_or_its_checkpoint_is_never_an_export_target(tmp_path):
+    checkpoint = save_student(tmp_path / "qat", w_bits=4)
+    run = tmp_path / "run"
+    save_student(run / "checkpoint-3", w_bits=4)
+    before = (run / "checkpoint-3" / "model.safetensors").read_bytes()
+    for target in (run / "checkpoint-3", run):
+        with pytest.raises(ValueError, match="training run or one of its checkpoints"):
+            export(checkpoint, target, "folded", force=True)
+    assert (run / "checkpoint-3" / "model.safetensors").read_bytes() == before
+
+
+def test_truncated_weights_are_one_line_naming_the_file(tmp_path):
+    checkpoint = save_student(tmp_path / "qat", w_bits=4)
+    packed = export_packed(checkpoint, tmp_path / "packed")
+    for directory in (checkpoint, packed):
+        weights = directory / "model.safetensors"
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+        with pytest.raises(OSError, match=r"model\.safetensors cannot be read .*truncated or damaged") as error:
+            load_model(directory)
+        assert str(weights) in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(OSError, match="truncated or damaged"):
+        export_folded(checkpoint, tmp_path / "folded")
+    cli = load_script("export")
+    with pytest.raises(SystemExit, match=r"export.py: error: .*model\.safetensors cannot be read") as refused:
+        cli.main([str(checkpoint), str(tmp_path / "out")])
+    assert refused.value.code == 2

@@ -6,7 +6,7 @@ import pytest
 import merge_gen_data
 from utils.records import SequenceRecord, TeacherIdentity
 from utils.synthesis import SamplingConfig
-from utils.merge import MixedTeachersError, find_shard_files, heldout_start_tokens, merge_shards
+from utils.merge import MixedSettingsError, MixedTeachersError, find_shard_files, heldout_start_tokens, merge_shards
 
 TEACHER = str(TeacherIdentity("tiny", 128, "abc"))
 SAMPLING = SamplingConfig().describe()
@@ -108,3 +108,14 @@ def test_command_line_prints_summary_and_statistics(tmp_path, capsys):
         merge_gen_data.main([str(tmp_path), "--output", str(output)])
     with pytest.raises(SystemExit, match="no shard files"):
         merge_gen_data.main([str(tmp_path / "empty"), "--output", str(tmp_path / "x.jsonl")])
+
+
+def test_shards_of_different_settings_are_refused_unless_allowed(tmp_path, capsys):
+    other = SamplingConfig(max_length=64, seed=1).describe()
+    shards = write_shards(tmp_path, [line([5, 6])], [line([7, 8], sampling=other)])
+    with pytest.raises(MixedSettingsError, match="--allow-mixed-settings"):
+        merge_shards(shards, tmp_path / "all.jsonl")
+    assert not list(tmp_path.glob("all.jsonl*"))
+    merge_gen_data.main([str(tmp_path), "--output", str(tmp_path / "all.jsonl"), "--allow-mixed-settings"])
+    assert read_ids(tmp_path / "all.jsonl") == [[5, 6], [7, 8]]
+    assert other in capsys.readouterr().out

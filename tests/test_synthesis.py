@@ -226,3 +226,24 @@ def test_bad_command_lines_fail_with_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             generate_data.main(argv + ["--device", "cpu"])
         assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_two_runs_on_one_shard_at_once_are_refused(tiny_llama, tokenizer, tmp_path):
+    import fcntl
+    path = shard_path(tmp_path, 0, 1)
+    with (tmp_path / f"{path.name}.lock").open("w") as held:  # another process is writing this shard
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another generate_data.py is writing"):
+            run_shard(tiny_llama, tokenizer, path)
+    assert not path.exists() or path.read_text() == ""
+    assert run_shard(tiny_llama, tokenizer, path) == 33  # released: the run goes ahead
+
+
+@pytest.mark.parametrize("argv,message", [(["--temperature", "nan"], "--temperature nan must be a finite number"),
+                                          (["--temperature", "inf"], "--temperature inf must be a finite number"),
+                                          (["--num-shards", "0"], "--num-shards 0 must be at least 1")])
+def test_silently_wrong_numbers_are_refused(tmp_path, argv, message):
+    import generate_data
+    with pytest.raises(SystemExit, match=message) as refused:
+        generate_data.main(argv + ["--device", "cpu", "--output-dir", str(tmp_path)])
+    assert refused.value.code == 2

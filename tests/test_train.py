@@ -96,3 +96,46 @@ def test_two_process_run_matches_one_process_first_step(tiny_teacher_dir, tmp_pa
     one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert len(one) == len(two) == 1
     assert two[0] == pytest.approx(one[0], rel=1e-4)
+
+
+# ---- bad input and kill points: a one-line error naming the fix, or a run that works ----
+
+def test_a_checkpoint_cut_off_while_saving_is_moved_aside_and_the_run_resumes(tiny_teacher_dir, tmp_path):
+    output = tmp_path / "out"
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "2", "--save_steps", "1"))
+    (output / "checkpoint-2" / "trainer_state.json").unlink()  # what a kill -9 during the save of step 2 leaves
+    with pytest.raises(ValueError, match="checkpoint-2 is not a whole checkpoint"):
+        train.main(train_args(tiny_teacher_dir, output, "--max_steps", "3", "--resume_from_checkpoint",
+                              str(output / "checkpoint-2")))
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "3", "--save_steps", "1"))
+    assert (output / "incomplete-checkpoint-2" / "model.safetensors").is_file()  # kept, out of the way
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    assert len(logged_losses(output)) == 3  # step 1 from the first run, steps 2-3 after resuming at 1
+
+
+def test_token_ids_outside_the_vocabulary_stop_training_before_it_starts(tiny_teacher_dir, tmp_path):
+    vocab_size = json.loads((tiny_teacher_dir / "teacher" / "config.json").read_text())["vocab_size"]
+    for bad_id in (999999, vocab_size, -1):
+        data = tmp_path / "bad.jsonl"
+        data.write_text(json.dumps({"input_ids": [5, 6]}) + "\n" + json.dumps({"input_ids": [5, bad_id]}) + "\n")
+        args = train_args(tiny_teacher_dir, tmp_path / "o", "--max_steps", "2")
+        args[args.index("--data_path") + 1] = str(data)
+        with pytest.raises(ValueError, match=rf"bad\.jsonl:2 .*token id {bad_id} is outside the vocabulary"):
+            train.main(args)
+        assert not (tmp_path / "o" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("length", ["0", "-5"])
+def test_non_positive_model_max_length_names_the_flag(tiny_teacher_dir, tmp_path, length):
+    with pytest.raises(ValueError, match=f"--model_max_length {length} must be at least 1"):
+        train.main(train_args(tiny_teacher_dir, tmp_path / "o", "--model_max_length", length))
+
+
+def test_run_train_checks_the_bits_before_generating_data(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "run_train.sh"), "0", "8", "4"], capture_output=True,
+                            text=True, env={**os.environ, "DATA": str(tmp_path / "gen" / "all.jsonl"),
+                                            "PYTHON": sys.executable}, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("run_train.sh: error: w_bits=0 is not supported; use an integer in 2..8, or 16 "
+                                     "for full precision")
+    assert not (tmp_path / "gen").exists()

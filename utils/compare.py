@@ -1,17 +1,14 @@
-"""Compare result files of scripts/evaluate.py as the paper does: a table and a grouped bar chart.
+"""Compare result files of scripts/evaluate.py as the paper does: a table and a grouped bar chart
+(`scripts/compare.py` is the command line).
 
-    python -m utils.compare results/*.json --out results
-
-writes `results.md`, laid out like the paper's Table 1 (one row per method and W-A-KV bits: FP 16-16-16, then
+`write_report` writes `results.md`, laid out like the paper's Table 1 (one row per method and W-A-KV bits: FP 16-16-16, then
 RTN and QAT per bit config; columns: zero-shot accuracies, their average, then perplexities and the offline
 fidelity metrics), and `results.png` (grouped bars per task: FP / RTN / QAT).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from utils.harness import PAPER_TASKS
@@ -158,23 +155,10 @@ def plot(records, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="result JSON files written by scripts/evaluate.py")
-    parser.add_argument("--out", default="results", help="folder for results.md and results.png")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        records = load_results(args.results)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    out = Path(args.out)
+def write_report(records, out: Path) -> Path:
+    """results.md and results.png in `out`; returns the markdown file."""
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(records, out / "results.md")
     plot(records, out / "results.png")
-    print((out / "results.md").read_text())
     logger.info("Wrote %s and %s", out / "results.md", out / "results.png")
-
-
-if __name__ == "__main__":
-    main()
+    return out / "results.md"

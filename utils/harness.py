@@ -27,7 +27,7 @@ DATA_HELP = ("the harness downloads task datasets from the Hugging Face hub, so 
              "(example: tests/data/commonsense_mini.yaml)")
 
 
-class HarnessDataError(RuntimeError):
+class HarnessDataError(OSError):
     """A task's dataset could not be loaded (typically: no network and no local copy)."""
 
 
