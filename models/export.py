@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_student, saved_config, saved_settings
 from .quantize import CONFIG_KEY, KV_PROJECTIONS, QuantLinear, quantize_model, quantized_modules
-from .quantizers import FULL_PRECISION, symmetric_codes
+from .quantizers import FULL_PRECISION, grouped, symmetric_codes
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,19 @@ _REWRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.
 
 
 def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integer codes (int8, [out, in]) and per-channel scales (float, [out, 1]) of `layer`'s weight,
-    with `codes * scales == layer.quantized_weight()` bit for bit: the same scale and rounding as
-    `models.quantizers` (symmetric MinMax, x * (1 / s) rounded half-to-even)."""
-    codes, scales = symmetric_codes(layer.weight.detach(), layer.w_bits)
+    """The integer codes (int8, [out, in]) and scales (float: [out, 1] per channel, [out, in / G] per group of
+    G columns) of `layer`'s weight, with codes * scales (per group) == `layer.quantized_weight()` bit for bit: the
+    same scale and rounding as `models.quantizers` (symmetric MinMax, x * (1 / s) rounded half-to-even)."""
+    weight = layer.weight.detach()
+    codes, scales = symmetric_codes(grouped(weight, layer.w_group_size), layer.w_bits)
+    if layer.w_group_size:
+        codes, scales = codes.reshape(weight.shape), scales.squeeze(-1)
     return codes.to(torch.int8), scales
+
+
+def dequantized_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes * scales, each scale applied to its channel or group of columns."""
+    return codes.float() * scales.repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1)
 
 
 def checkpoint_settings(path: Path) -> dict:
@@ -149,7 +157,9 @@ def compressed_tensors_config(settings: dict, layer_names: list[str], output_lay
 
     w_bits, a_bits, kv_bits = settings["w_bits"], settings["a_bits"], settings["kv_bits"]
     storage = "int-quantized" if w_bits == 8 else "pack-quantized"
-    weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True, strategy="channel")
+    group_size = settings.get("w_group_size")
+    weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True, strategy="group" if group_size else
+                               "channel", group_size=group_size)
     activations = None if a_bits == FULL_PRECISION else QuantizationArgs(
         num_bits=a_bits, type="int", symmetric=settings["act_symmetric"], strategy="token", dynamic=True)
     kv = None if kv_bits == FULL_PRECISION else QuantizationArgs(
@@ -159,7 +169,10 @@ def compressed_tensors_config(settings: dict, layer_names: list[str], output_lay
         leaves = sorted({name.rpartition(".")[2] for name in names})
         return [rf"re:.*\.({'|'.join(leaves)})$"]
 
-    kv_layers = [name for name in layer_names if name.rpartition(".")[2] in KV_PROJECTIONS]
+    # pre_rope: the KV quantizer sits on the k/v projection outputs; post_rope: on the cache (keys after rotary
+    # embedding), which is what compressed-tensors' kv_cache_scheme describes.
+    post_rope = settings.get("kv_placement") == "post_rope"
+    kv_layers = [] if post_rope else [name for name in layer_names if name.rpartition(".")[2] in KV_PROJECTIONS]
     other_layers = [name for name in layer_names if name not in kv_layers]
     groups = {}
     if other_layers:
@@ -169,7 +182,7 @@ def compressed_tensors_config(settings: dict, layer_names: list[str], output_lay
         groups["group_1"] = QuantizationScheme(targets=leaf_regex(kv_layers), weights=weights,
                                                input_activations=activations, output_activations=kv, format=storage)
     return QuantizationConfig(config_groups=groups, ignore=[output_layer], format=storage,
-                              quantization_status="frozen")
+                              kv_cache_scheme=kv if post_rope else None, quantization_status="frozen")
 
 
 def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = False) -> Path:
@@ -187,7 +200,8 @@ def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = Fal
     model.to(saved_dtype(source))  # embeddings, norms, lm_head: stored as they were saved
     # The compressor re-derives the codes as round(weight / scale); from codes * scale that division is
     # exact, so the stored codes are ours. An all-zero row gets scale 1 instead of 0 (0 / 0 would be nan).
-    _with_plain_linears(model, {name: codes.float() * scales for name, (codes, scales) in codes_and_scales.items()})
+    _with_plain_linears(model, {name: dequantized_weight(codes, scales) for name, (codes, scales) in
+                                codes_and_scales.items()})
     config = compressed_tensors_config(settings, list(layers), output_layer)
     apply_quantization_config(model, config)
     for name, (_, scales) in codes_and_scales.items():

@@ -5,10 +5,15 @@ every `nn.Linear` except the output layer (`lm_head`) for a `QuantLinear` sharin
 LLaMA-family model these are the q/k/v/o and gate/up/down projections of the decoder blocks. Each one
 fake-quantizes (paper section 2.2):
   - its input activations per token (A bits),
-  - its weight per output channel (W bits, scales recomputed from the current weight at every forward),
-  - for k_proj and v_proj, its output per token (KV bits), before rotary embedding as in the released code.
-    The attention caches these outputs, so the cached values are on the low-bit grid; cached keys are the
-    quantized keys after rotary embedding, which are not on a grid.
+  - its weight per output channel (W bits, scales recomputed from the current weight at every forward), or
+    per group of `w_group_size` input columns of each output channel,
+  - for k_proj and v_proj, its output per token (KV bits): `kv_placement="pre_rope"`, the released code's
+    placement. The attention caches these outputs, so the cached values are on the low-bit grid; cached keys
+    are the quantized keys after rotary embedding, which are not on a grid.
+With `kv_placement="post_rope"` keys are quantized per token after rotary embedding instead, where a serving
+engine's quantized KV cache holds them: every attention module gets a forward pre-hook that hands it a view of
+its cache (`KeyQuantizingCache`) whose `update` quantizes the rotated keys before storing and using them, so
+the cache holds exactly the quantized keys and values, on the prefill and on every decode step.
 Embeddings, norms and `lm_head` stay in full precision. 16 bits means "not quantized".
 
 The settings are written to `model.config.llm_qat`, so they travel with `save_pretrained`; `models.checkpoint`
@@ -20,14 +25,18 @@ standard library and each other (tests/test_layering.py checks it).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .quantizers import FULL_PRECISION, check_bits, fake_quantize
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
+KV_PLACEMENTS = ("pre_rope", "post_rope")
 CONFIG_KEY = "llm_qat"
 NEVER_CLIP_FLAG = 0  # how a command line spells ste_clip=None
 
@@ -43,10 +52,20 @@ class QATConfig:
         "help": "symmetric per-token activations; --no_act_symmetric: asymmetric MinMax with a zero point"})
     ste_clip: float | None = field(default=2.0, metadata={
         "help": "zero the straight-through gradient where |x| >= this (released code: 2); 0 = never clip"})
+    w_group_size: int | None = field(default=None, metadata={
+        "help": "one weight scale per group of this many input columns (e.g. 128); default: per output channel"})
+    kv_placement: str = field(default="pre_rope", metadata={
+        "help": "pre_rope: quantize the k/v projection outputs (released code); post_rope: keys after rotary "
+                "embedding, as a serving engine's KV cache holds them", "choices": KV_PLACEMENTS})
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "kv_bits"):
             check_bits(getattr(self, name), name)
+        if self.w_group_size is not None and not (isinstance(self.w_group_size, int) and self.w_group_size > 0):
+            raise ValueError(f"w_group_size={self.w_group_size!r} must be a positive integer, or None for one scale "
+                             "per output channel")
+        if self.kv_placement not in KV_PLACEMENTS:
+            raise ValueError(f"kv_placement={self.kv_placement!r} is not one of {', '.join(KV_PLACEMENTS)}")
         if self.ste_clip is not None and not self.ste_clip > 0:
             raise ValueError(f"ste_clip={self.ste_clip!r} must be a positive number, or None to never clip "
                              f"(--ste_clip {NEVER_CLIP_FLAG} on a command line)")
@@ -58,6 +77,14 @@ class QATConfig:
             flags["ste_clip"] = None
         return cls(**flags)
 
+    def label(self) -> str:
+        """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
+        weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`)."""
+        weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \
+            else f"{self.w_bits}"
+        keys = "k" if self.kv_placement == "post_rope" and self.kv_bits != FULL_PRECISION else ""
+        return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}"
+
 
 class QuantLinear(nn.Linear):
     """`nn.Linear` with fake-quantized input, weight and (for k/v projections) output."""
@@ -67,10 +94,10 @@ class QuantLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits, self.out_bits = config.w_bits, config.a_bits, out_bits
-        self.act_symmetric, self.ste_clip = config.act_symmetric, config.ste_clip
+        self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
 
     def quantized_weight(self):
-        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip)
+        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size)
 
     def forward(self, x):
         x = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip)
@@ -78,7 +105,51 @@ class QuantLinear(nn.Linear):
         return fake_quantize(y, self.out_bits, True, self.ste_clip)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, out_bits={self.out_bits}"
+        group = f", w_group_size={self.w_group_size}" if self.w_group_size else ""
+        return f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, out_bits={self.out_bits}"
+
+
+def quantize_per_token(states: torch.Tensor, bits: int, ste_clip: float | None) -> torch.Tensor:
+    """Keys or values as attention holds them, [batch, heads, tokens, head_dim], quantized with one scale per
+    token across all heads: the same grouping as the k/v projection outputs of the pre-RoPE placement."""
+    per_token = states.transpose(1, 2)
+    quantized = fake_quantize(per_token.flatten(-2), bits, True, ste_clip).unflatten(-1, per_token.shape[-2:])
+    return quantized.transpose(1, 2)
+
+
+class KeyQuantizingCache:
+    """What one attention module sees as its KV cache under `kv_placement="post_rope"`: `update` quantizes the
+    keys (after rotary embedding) per token, then stores them in the real cache (none when the forward runs
+    without a cache, e.g. in training) and returns what attention uses. Values arrive quantized from v_proj.
+    Everything else is the real cache's."""
+
+    def __init__(self, cache, bits: int, ste_clip: float | None):
+        self.cache, self.bits, self.ste_clip = cache, bits, ste_clip
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        key_states = quantize_per_token(key_states, self.bits, self.ste_clip)
+        if self.cache is None:
+            return key_states, value_states
+        return self.cache.update(key_states, value_states, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def _hand_key_quantizing_cache(module, args, kwargs, bits, ste_clip):
+    kwargs["past_key_values"] = KeyQuantizingCache(kwargs.get("past_key_values"), bits, ste_clip)
+    return args, kwargs
+
+
+def check_group_size(group_size: int | None, layers: dict[str, nn.Linear]) -> None:
+    """Group-wise weights need G to divide every quantized layer's input width."""
+    bad = {name: layer.in_features for name, layer in layers.items() if group_size and layer.in_features % group_size}
+    if bad:
+        common = math.gcd(*(layer.in_features for layer in layers.values()))
+        divisors = [str(d) for d in range(1, common + 1) if common % d == 0]
+        name, width = next(iter(bad.items()))
+        raise ValueError(f"w_group_size={group_size} does not divide the {width} input columns of {name}; use one "
+                         f"of: {', '.join(divisors)}")
 
 
 def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
@@ -86,15 +157,26 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
     `QATConfig`, or `quantize_model(model, w_bits, a_bits, kv_bits, **options)` with its fields."""
     config = bits[0] if len(bits) == 1 and isinstance(bits[0], QATConfig) and not options else QATConfig(*bits, **options)
     output_layer = model.get_output_embeddings()
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and module is not output_layer]
-    if config.kv_bits != FULL_PRECISION and not any(name.rpartition(".")[2] in KV_PROJECTIONS for name, _ in targets):
+    targets = {name: module for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and module is not output_layer}
+    if config.kv_bits != FULL_PRECISION and not any(name.rpartition(".")[2] in KV_PROJECTIONS for name in targets):
         raise ValueError(f"kv_bits={config.kv_bits} needs k_proj/v_proj layers, which {type(model).__name__} does "
                          "not have; use kv_bits=16 for this architecture")
-    for name, linear in targets:  # a QuantLinear (re-quantizing a student) is rebuilt with the new bits
+    if config.w_bits != FULL_PRECISION:
+        check_group_size(config.w_group_size, targets)
+    pre_rope = config.kv_placement == "pre_rope"
+    for name, linear in targets.items():  # a QuantLinear (re-quantizing a student) is rebuilt with the new bits
         parent_name, _, child = name.rpartition(".")
-        out_bits = config.kv_bits if child in KV_PROJECTIONS else FULL_PRECISION
+        out_bits = config.kv_bits if child == "v_proj" or (child == "k_proj" and pre_rope) else FULL_PRECISION
         setattr(model.get_submodule(parent_name), child, QuantLinear(linear, config, out_bits))
+    for module in model.modules():  # the attention modules: those holding k_proj
+        if isinstance(getattr(module, "k_proj", None), QuantLinear):
+            if hasattr(module, "_llm_qat_key_hook"):  # re-quantizing: the old placement goes
+                module._llm_qat_key_hook.remove()
+                del module._llm_qat_key_hook
+            if not pre_rope and config.kv_bits != FULL_PRECISION:
+                module._llm_qat_key_hook = module.register_forward_pre_hook(
+                    partial(_hand_key_quantizing_cache, bits=config.kv_bits, ste_clip=config.ste_clip), with_kwargs=True)
     model.config.llm_qat = asdict(config)
     return model
 

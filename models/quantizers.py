@@ -6,6 +6,8 @@ Every quantizer here works per row of the last dimension, which covers all three
   - weights   [out, in]        -> one scale per output channel (row),
   - activations [..., tokens, d] -> one scale per token,
   - KV (k_proj/v_proj outputs)  -> one scale per token across all heads.
+With `group_size` G the last dimension is cut into groups of G values, each its own row: group-wise weights,
+one scale per G input columns of an output channel (what torchao's QAT and vLLM's 4-bit kernels use).
 
 Symmetric MinMax (paper eq. 1), the default for all three:
     alpha = max|X_row|,   s = alpha / (2^(b-1) - 1),   X_q = s * clamp(round(X / s), -(2^(b-1)-1), 2^(b-1)-1)
@@ -59,24 +61,32 @@ def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(scale > 0, (q - zero_point) * scale, torch.zeros_like(q))
 
 
+def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """`x` [..., n] as [..., n / G, G], so that each group of G values is quantized as one row."""
+    return x if group_size is None else x.unflatten(-1, (-1, group_size))
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bits, symmetric, ste_clip):
+    def forward(ctx, x, bits, symmetric, ste_clip, group_size):
         if ste_clip is not None:
             ctx.save_for_backward(x.abs() < ste_clip)  # a bool mask: 1 byte per value, not a copy of x
         ctx.ste_clip = ste_clip
-        return _symmetric(x, bits) if symmetric else _asymmetric(x, bits)
+        rows = grouped(x, group_size)
+        return (_symmetric(rows, bits) if symmetric else _asymmetric(rows, bits)).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.ste_clip is None:
-            return grad_output, None, None, None
+            return grad_output, None, None, None, None
         (inside,) = ctx.saved_tensors
-        return grad_output * inside, None, None, None
+        return grad_output * inside, None, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0) -> torch.Tensor:
-    """Quantize-dequantize `x` per row of its last dimension; identity for 16 bits."""
+def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0,
+                  group_size: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize `x` per row of its last dimension (per group of `group_size` values of it, if given);
+    identity for 16 bits."""
     if bits == FULL_PRECISION:
         return x
-    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip)
+    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip, group_size)

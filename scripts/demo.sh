@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 W_BITS=${W_BITS:-4} A_BITS=${A_BITS:-8} KV_BITS=${KV_BITS:-4}
+W_GROUP_SIZE=${W_GROUP_SIZE:-}                  # e.g. 64: group-wise weights (default: per output channel)
+KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}          # post_rope: keys quantized after rotary embedding
 NUM_START_TOKENS=${NUM_START_TOKENS:-96}        # 3 sequences each (greedy prefixes of 3, 4, 5 tokens)
 HELDOUT_START_TOKENS=${HELDOUT_START_TOKENS:-8} # their sequences are kept out of training, for evaluation
 SEQ_LEN=${SEQ_LEN:-128}                         # tokens per generated sequence and per training example
@@ -17,7 +19,9 @@ SEED=${SEED:-0}
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
-BITS="W${W_BITS}A${A_BITS}KV${KV_BITS}"
+BITS="W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)"
+rtn_options=(--kv-placement "$KV_PLACEMENT")
+[ -n "$W_GROUP_SIZE" ] && rtn_options+=(--w-group-size "$W_GROUP_SIZE")
 DATA_DIR="$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}"
 QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}"
 RESULTS="$OUT/results"
@@ -60,14 +64,15 @@ train() {
     return
   fi
   DATA="$DATA_DIR/all.jsonl" OUTPUT_DIR="$QAT_DIR" CPU_MAX_LENGTH="$SEQ_LEN" CPU_BATCH_SIZE="$BATCH_SIZE" \
-    CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" \
+    CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" W_GROUP_SIZE="$W_GROUP_SIZE" \
+    KV_PLACEMENT="$KV_PLACEMENT" \
     bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED"
 }
 
 stage "1. environment and embedded model" "$PYTHON" -c "from utils.loading import embedded_model_dir; print('[demo] teacher cached at', embedded_model_dir())"
 stage "2. synthesize data ($NUM_START_TOKENS start tokens x 3, $SEQ_LEN tokens)" synthesize
 stage "3a. evaluate FP teacher" evaluate fp default
-stage "3b. evaluate RTN $BITS" evaluate "rtn-$BITS" default "$W_BITS" "$A_BITS" "$KV_BITS"
+stage "3b. evaluate RTN $BITS" evaluate "rtn-$BITS" default "$W_BITS" "$A_BITS" "$KV_BITS" "${rtn_options[@]}"
 stage "4. QAT $BITS (scripts/run_train.sh)" train
 stage "5. evaluate QAT $BITS" evaluate "qat-$BITS" "$QAT_DIR"
 stage "6. report" "$PYTHON" scripts/compare.py "$RESULTS/fp.json" "$RESULTS/rtn-$BITS.json" "$RESULTS/qat-$BITS.json" --out "$OUT"

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from models.checkpoint import saved_settings
-from models.quantize import CONFIG_KEY, QATConfig, quantize_model
+from models.quantize import CONFIG_KEY, KV_PLACEMENTS, QATConfig, quantize_model
 from utils.cli import check_output_file, user_errors
 from utils.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
 from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
@@ -62,6 +63,10 @@ def parse_args(argv=None):
                                           "unquantized; required for a QAT checkpoint)")
     parser.add_argument("--max-length", type=positive(int), default=2048,
                         help="tokens per sequence for the offline metrics")
+    parser.add_argument("--w-group-size", type=positive(int), help="RTN: one weight scale per group of this many "
+                        "input columns (default: per output channel)")
+    parser.add_argument("--kv-placement", choices=KV_PLACEMENTS, help="RTN: where keys are quantized (default: "
+                        "pre_rope, the released code's; post_rope: after rotary embedding, as the KV cache holds them)")
     parser.add_argument("--output", help="result JSON file (default: results/<model>-<method>-<bits>.json)")
     args = parser.parse_args(argv)
     if len(args.bits) not in (0, 3):
@@ -80,20 +85,22 @@ def evaluated_method(args, saved: QATConfig | None) -> tuple[str, QATConfig]:
     """What is evaluated, decided from the command line and the checkpoint's config alone (before any load):
     `qat` for a saved student, `rtn` for a float model with W A KV, `fp` otherwise."""
     if saved is not None:
-        if args.bits:
-            raise ValueError(f"{args.model} is already a QAT checkpoint (W{saved.w_bits} A{saved.a_bits} "
-                             f"KV{saved.kv_bits}); omit W A KV, which are for the RTN baseline of a full-precision model")
+        if args.bits or args.w_group_size or args.kv_placement:
+            raise ValueError(f"{args.model} is already a QAT checkpoint ({saved.label()}); omit W A KV, "
+                             "--w-group-size and --kv-placement, which are for the RTN baseline of a full-precision model")
         if args.heldout and not args.teacher:
             raise ValueError("--heldout on a QAT checkpoint needs --teacher MODEL, the full-precision model it was "
                              "trained from ('default' for the embedded SmolLM2-135M)")
         return "qat", saved
-    bits = QATConfig(*args.bits) if args.bits else QATConfig()
-    return ("fp" if bits == QATConfig() else "rtn"), bits
+    options = {name: value for name, value in (("w_group_size", args.w_group_size), ("kv_placement", args.kv_placement))
+               if value is not None}
+    bits = QATConfig(*args.bits, **options) if args.bits else QATConfig(**options)
+    return ("fp" if bits.label() == QATConfig().label() else "rtn"), bits
 
 
 def default_output(args, method, bits: QATConfig) -> Path:
     name = Path(model_display_name(args.model).rstrip("/")).name
-    return Path("results") / f"{name}-{method}-w{bits.w_bits}a{bits.a_bits}kv{bits.kv_bits}.json"
+    return Path("results") / f"{name}-{method}-{bits.label()}.json"
 
 
 def main(argv=None) -> dict:
@@ -125,8 +132,7 @@ def evaluate(args) -> dict:
         expected = TeacherIdentity.of(model_display_name(args.model), tokenizer, vocab_size)
         heldout = token_sequences(tokenizer, args.heldout, args.max_length, teacher=expected, vocab_size=vocab_size)
         teacher = load_model(args.teacher or path, dtype=dtype, device=args.device, quantized=False)
-    logger.info("Evaluating %s as %s W%d A%d KV%d (%s on %s)", args.model, method.upper(), bits.w_bits,
-                bits.a_bits, bits.kv_bits, dtype, args.device)
+    logger.info("Evaluating %s as %s %s (%s on %s)", args.model, method.upper(), bits.label(), dtype, args.device)
 
     metrics = {}
     if tasks:  # the harness logs the quantized modules before it starts
@@ -144,6 +150,8 @@ def evaluate(args) -> dict:
     record = {
         "method": method,
         "bits": {"w": bits.w_bits, "a": bits.a_bits, "kv": bits.kv_bits},
+        "label": bits.label(),  # the bits with the options that change the model, e.g. 4g128-8-4k
+        "quantization": asdict(bits),
         "model": model_display_name(args.teacher if method == "qat" and args.teacher else args.model),  # the table's group
         "checkpoint": model_display_name(args.model),
         "metrics": metrics,

@@ -3,6 +3,8 @@
 #   bash scripts/run_train.sh 4 8 4            # W4 A8 KV4 ; 16 = that part not quantized
 # Paths are variables below; override any of them from the environment, e.g.
 #   MODEL=/models/llama-7b DATA=gen_data/all.jsonl OUTPUT_DIR=output/llama7b-448 bash scripts/run_train.sh 4 8 4
+# Quantizer options beyond the paper's: W_GROUP_SIZE=128 (group-wise weights), KV_PLACEMENT=post_rope (keys
+# quantized after rotary embedding); or any train.py flag after the bits.
 # On GPUs it launches torchrun over every visible device with the released LLaMA-7B recipe (bf16, gradient
 # checkpointing, FSDP full_shard on LlamaDecoderLayer, sequence length 2048). On CPU it runs a small, quick
 # version of the same training on the embedded SmolLM2-135M (see CPU_* below).
@@ -15,10 +17,14 @@ if [ $# -lt 3 ]; then
 fi
 W_BITS=$1 A_BITS=$2 KV_BITS=$3
 shift 3
+W_GROUP_SIZE=${W_GROUP_SIZE:-}                     # empty = one weight scale per output channel (the paper's)
+KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}             # pre_rope (the paper's) or post_rope
+options=(--kv_placement "$KV_PLACEMENT")
+[ -n "$W_GROUP_SIZE" ] && options+=(--w_group_size "$W_GROUP_SIZE")
 
 MODEL=${MODEL:-}                                   # teacher; empty = the embedded SmolLM2-135M-Instruct
 DATA=${DATA:-gen_data/all.jsonl}                   # merged synthetic data (created below if missing)
-OUTPUT_DIR=${OUTPUT_DIR:-output/W${W_BITS}A${A_BITS}KV${KV_BITS}}
+OUTPUT_DIR=${OUTPUT_DIR:-output/W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 # CPU-sized settings (a few minutes on 2 cores); the GPU path uses the paper's settings instead.
 CPU_MAX_LENGTH=${CPU_MAX_LENGTH:-128}
@@ -26,13 +32,16 @@ CPU_BATCH_SIZE=${CPU_BATCH_SIZE:-4}
 CPU_LEARNING_RATE=${CPU_LEARNING_RATE:-1e-4}
 CPU_EPOCHS=${CPU_EPOCHS:-1}
 
-# The bits are checked before anything long starts (data generation, model loading).
-"$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" <<'CHECK'
+# The quantizer settings are checked before anything long starts (data generation, model loading).
+"$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" "$W_GROUP_SIZE" "$KV_PLACEMENT" <<'CHECK'
 import sys
 from models.quantize import QATConfig
 from utils.cli import user_errors
+def number(text):
+    return int(text) if text.lstrip("-").isdigit() else text
 with user_errors("run_train.sh"):
-    QATConfig(*(int(bits) if bits.lstrip("-").isdigit() else bits for bits in sys.argv[1:]))
+    *bits, group_size, placement = sys.argv[1:]
+    QATConfig(*map(number, bits), w_group_size=number(group_size) if group_size else None, kv_placement=placement)
 CHECK
 NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 model_arg=()
@@ -52,7 +61,7 @@ if [ ! -f "$DATA" ]; then
 fi
 
 common=(train.py "${model_arg[@]}" --data_path "$DATA" --output_dir "$OUTPUT_DIR"
-        --w_bits "$W_BITS" --a_bits "$A_BITS" --kv_bits "$KV_BITS")
+        --w_bits "$W_BITS" --a_bits "$A_BITS" --kv_bits "$KV_BITS" "${options[@]}")
 
 if [ "$NUM_GPUS" -gt 0 ]; then
   echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on $NUM_GPUS GPU(s) with torchrun -> $OUTPUT_DIR"

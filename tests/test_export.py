@@ -111,7 +111,8 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
         assert (kv is not None) == ("k_proj" in target)
         if kv is not None:
             assert kv | {"num_bits": 4, "strategy": "token", "dynamic": True} == kv
-    assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0}
+    assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
+                                 "w_group_size": None, "kv_placement": "pre_rope"}
     assert "auto_map" not in config
 
 

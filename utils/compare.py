@@ -61,9 +61,14 @@ def accuracy_tasks(records) -> list[str]:
     return [t for t in PAPER_TASKS if t in tasks] + sorted(tasks - set(PAPER_TASKS))
 
 
-def row_label(record) -> str:
+def bits_label(record) -> str:
+    """W-A-KV, with the options that change the model (`4g128-8-4k`; older result files have none)."""
     bits = record["bits"]
-    return f"{METHOD_LABELS[record['method']]} {bits['w']}-{bits['a']}-{bits['kv']}"
+    return record.get("label") or f"{bits['w']}-{bits['a']}-{bits['kv']}"
+
+
+def row_label(record) -> str:
+    return f"{METHOD_LABELS[record['method']]} {bits_label(record)}"
 
 
 def sort_records(records) -> list[dict]:
@@ -83,11 +88,10 @@ def build_table(records) -> tuple[list[str], list[list[str]]]:
     header += [TASK_LABELS.get(t, t) for t in tasks] + (["Avg."] if tasks else []) + [c[1] for c in others]
     rows = []
     for record in records:
-        metrics, bits = record["metrics"], record["bits"]
+        metrics = record["metrics"]
         accuracies = [metrics.get(f"{t}/acc") for t in tasks]
         present = [100 * a for a in accuracies if a is not None]
-        row = ([record["model"]] if several_models else []) + [METHOD_LABELS[record["method"]],
-                                                                f"{bits['w']}-{bits['a']}-{bits['kv']}"]
+        row = ([record["model"]] if several_models else []) + [METHOD_LABELS[record["method"]], bits_label(record)]
         row += [MISSING if a is None else ACCURACY_FORMAT.format(100 * a) for a in accuracies]
         if tasks:  # an average over fewer tasks than the other rows would not be comparable
             row.append(ACCURACY_FORMAT.format(sum(present) / len(present)) if len(present) == len(tasks) else MISSING)

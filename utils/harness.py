@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from models.quantize import quantized_modules
+from models.quantize import QATConfig, quantized_modules
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +35,26 @@ def quantization_summary(model) -> list[str]:
     """One line per group of quantized modules with the same bits (grouped by module name, e.g. k_proj)."""
     groups = defaultdict(list)
     for name, module in quantized_modules(model).items():
-        groups[(module.w_bits, module.a_bits, module.out_bits)].append(name.rpartition(".")[2])
+        groups[(module.w_bits, module.w_group_size or 0, module.a_bits, module.out_bits)].append(name.rpartition(".")[2])
     if not groups:
         return ["no quantized modules: evaluating the model in full precision"]
     lines = []
-    for (w_bits, a_bits, out_bits), names in sorted(groups.items()):
+    for (w_bits, group_size, a_bits, out_bits), names in sorted(groups.items()):
         kinds = ", ".join(dict.fromkeys(names))  # unique, in model order
+        per_group = f" (per group of {group_size} columns)" if group_size else ""
         output = f", output (KV cache) {out_bits} bits" if out_bits != 16 else ""
-        lines.append(f"{len(names)} x {kinds}: weights {w_bits} bits, input activations {a_bits} bits{output}")
+        lines.append(f"{len(names)} x {kinds}: weights {w_bits} bits{per_group}, input activations {a_bits} bits{output}")
+    settings = getattr(model.config, "llm_qat", None) or {}
+    if settings.get("kv_placement") == "post_rope" and settings["kv_bits"] != 16:
+        lines.append(f"keys after rotary embedding (KV cache): {settings['kv_bits']} bits per token")
     lines.append("full precision: embeddings, norms, lm_head")
     return lines
 
 
 def log_quantization(model) -> None:
-    bits = getattr(model.config, "llm_qat", None)
-    header = (f"Quantization active during evaluation (W{bits['w_bits']} A{bits['a_bits']} KV{bits['kv_bits']}):"
-              if bits else "Quantization during evaluation:")
+    settings = getattr(model.config, "llm_qat", None)
+    header = (f"Quantization active during evaluation ({QATConfig(**settings).label()}):" if settings
+              else "Quantization during evaluation:")
     logger.info(header)
     for line in quantization_summary(model):
         logger.info("  %s", line)
