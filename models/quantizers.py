@@ -17,6 +17,9 @@ Asymmetric MinMax (an option for activations), with zero kept representable:
 Rounding is half-to-even and X / s is computed as X * (1 / s), the arithmetic of PyTorch's own
 `torch.fake_quantize_per_channel_affine`, so the two agree to the bit in float32. No epsilon is added to
 the scale: a row whose range is 0 quantizes to 0 instead of moving other values across rounding boundaries.
+The math runs in float32 whatever the input's dtype (float64 stays float64) and the result comes back in the
+input's dtype: in bfloat16 (autocast, or FSDP2 with bf16 params) x * (1/s) and codes * s would round to other
+codes than the float32 export computes. None of these ops is one that autocast lowers, so it needs no guard.
 
 Backward is the straight-through estimator: the gradient passes unchanged, except that (as in the
 released LLM-QAT code) it is zeroed where |X| >= ste_clip. `ste_clip=None` passes it everywhere.
@@ -36,9 +39,14 @@ def check_bits(bits, what: str = "bits") -> int:
     return bits
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (as floats, in [-(2^(b-1)-1), 2^(b-1)-1]) and per-row scales with x_q = codes * scale.
-    A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan)."""
+    """Integer codes (as float32 or float64, in [-(2^(b-1)-1), 2^(b-1)-1]) and per-row scales with
+    x_q = codes * scale. A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan)."""
+    x = _upcast(x)
     qmax = 2 ** (bits - 1) - 1
     scale = x.abs().amax(dim=-1, keepdim=True) / qmax
     codes = torch.round(x * scale.reciprocal()).clamp_(-qmax, qmax)
@@ -47,10 +55,11 @@ def symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
 def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     codes, scale = symmetric_codes(x, bits)
-    return codes * scale
+    return (codes * scale).to(x.dtype)
 
 
 def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
+    dtype, x = x.dtype, _upcast(x)
     qmax = 2 ** bits - 1
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
     high = x.amax(dim=-1, keepdim=True).clamp(min=0)
@@ -58,7 +67,7 @@ def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     inv_scale = scale.reciprocal()
     zero_point = torch.round(-low * inv_scale)
     q = (torch.round(x * inv_scale) + zero_point).clamp_(0, qmax)
-    return torch.where(scale > 0, (q - zero_point) * scale, torch.zeros_like(q))
+    return torch.where(scale > 0, (q - zero_point) * scale, torch.zeros_like(q)).to(dtype)
 
 
 def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -70,7 +70,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attentio
 class KDTrainer(Trainer):
     """A `Trainer` whose loss is distillation from a frozen full-precision teacher; all else is inherited
     (resume, logging, checkpoints, FSDP, DeepSpeed). The teacher is not an attribute the Trainer wraps,
-    so it is kept out of the optimizer and of FSDP sharding."""
+    so it is kept out of the optimizer and of checkpoints; under FSDP2 and ZeRO-3 it is sharded like the student."""
 
     loss_is_scaled_for_ga = False  # kd_loss is a per-micro-batch mean: let the Trainer divide it for accumulation
 
@@ -78,7 +78,12 @@ class KDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # older transformers 5.x: same meaning as the line above
         teacher.eval().requires_grad_(False)
-        self.teacher = _zero3_inference_engine(teacher, self.args) if _zero3_enabled() else teacher.to(self.args.device)
+        if _zero3_enabled():
+            self.teacher = _zero3_inference_engine(teacher, self.args)
+        elif self.accelerator.is_fsdp2:
+            self.teacher = _fsdp2_sharded_teacher(teacher, self.accelerator)
+        else:
+            self.teacher = teacher.to(self.args.device)
         self.kd_reduction = kd_reduction
         self.add_callback(RemoteCodeCallback())
 
@@ -106,6 +111,19 @@ def _zero3_inference_engine(teacher, args):
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10_000}}
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     return engine.module.eval()
+
+
+def _fsdp2_sharded_teacher(teacher, accelerator):
+    """Shard the teacher as Accelerate shards the student (issue "Paper scale on GPUs"): `fully_shard` per decoder
+    layer (the fsdp_config's `transformer_layer_cls_to_wrap`, else `_no_split_modules`), the embedding and the head,
+    then the root, with the student's MixedPrecisionPolicy and mesh. A full replica per GPU would not fit at paper
+    scale."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    teacher = fsdp2_prepare_model(accelerator, teacher)
+    # Forward only: no backward comes to reuse gathered weights, so every unit (the root too) frees them at once.
+    teacher.set_reshard_after_forward(True)
+    return teacher
 
 
 class RemoteCodeCallback(TrainerCallback):
