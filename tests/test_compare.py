@@ -83,3 +83,12 @@ def test_bad_result_file_is_one_clear_error(tmp_path):
         main([str(tmp_path / "bad.json"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="does not exist"):
         main([str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+
+
+def test_rows_of_the_same_bits_with_other_options_stay_apart(tmp_path):
+    paths = write_results(tmp_path)
+    grouped = dict(RESULTS["rtn.json"], label="4g64-8-4k", metrics={"perplexity": 25.0})
+    (tmp_path / "grouped.json").write_text(json.dumps(grouped))
+    main(paths + [str(tmp_path / "grouped.json"), "--out", str(tmp_path)])
+    _, rows = read_table(tmp_path / "results.md")
+    assert rows["RTN 4-8-4"]["Text ppl"] == "31.02" and rows["RTN 4g64-8-4k"]["Text ppl"] == "25.00"

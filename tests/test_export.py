@@ -24,8 +24,9 @@ def tiny_llama(**overrides):
     return LlamaForCausalLM(LlamaConfig(**{**config, **overrides}))
 
 
-def save_student(directory: Path, w_bits: int, a_bits: int = 8, kv_bits: int = 4, **overrides) -> Path:
-    model = quantize_model(tiny_llama(**overrides), w_bits, a_bits, kv_bits)
+def save_student(directory: Path, w_bits: int, a_bits: int = 8, kv_bits: int = 4, options=None, **overrides) -> Path:
+    """A student with `options` (QATConfig fields) from a tiny Llama with config `overrides`."""
+    model = quantize_model(tiny_llama(**overrides), w_bits, a_bits, kv_bits, **(options or {}))
     with torch.no_grad():  # an all-zero output channel: its scale is 0, the case the quantizer special-cases
         model.model.layers[0].mlp.up_proj.weight[3] = 0
         for layer in quantized_modules(model).values():
@@ -241,3 +242,19 @@ def test_truncated_weights_are_one_line_naming_the_file(tmp_path):
     with pytest.raises(SystemExit, match=r"export.py: error: .*model\.safetensors cannot be read") as refused:
         cli.main([str(checkpoint), str(tmp_path / "out")])
     assert refused.value.code == 2
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_group_wise_post_rope_student_exports_packed_and_loads_back_exactly(tmp_path, w_bits):
+    checkpoint = save_student(tmp_path / "qat", w_bits, options=dict(w_group_size=32, kv_placement="post_rope"))
+    packed = export_packed(checkpoint, tmp_path / "packed")
+    scheme = json.loads((packed / "config.json").read_text())["quantization_config"]
+    groups = list(scheme["config_groups"].values())
+    assert all(group["weights"]["strategy"] == "group" and group["weights"]["group_size"] == 32 for group in groups)
+    assert all(group["output_activations"] is None for group in groups)  # post_rope: the KV quantizer is the cache's
+    assert scheme["kv_cache_scheme"] | {"num_bits": 4, "strategy": "token"} == scheme["kv_cache_scheme"]
+    student, loaded = load_model(checkpoint), load_model(packed)
+    for name, layer in quantized_modules(student).items():
+        assert torch.equal(loaded.get_submodule(name).weight, layer.quantized_weight()), name
+    assert QATConfig(**loaded.config.llm_qat) == QATConfig(w_bits, 8, 4, w_group_size=32, kv_placement="post_rope")
+    assert_same_logits(student, loaded)

@@ -211,3 +211,18 @@ def test_evaluate_script_refuses_heldout_ids_of_another_teacher_or_outside_the_v
             evaluate_script.main([str(model_dir), "--tasks", "none", "--heldout", str(tmp_path / name),
                                   "--output", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_evaluate_script_records_rtn_options_in_the_result_and_its_label(tiny_model, tokenizer, tmp_path):
+    evaluate_script = load_evaluate_script()
+    model_dir = tmp_path / "fp"
+    tiny_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    record = evaluate_script.main([str(model_dir), "4", "8", "4", "--w-group-size", "32", "--kv-placement",
+                                   "post_rope", "--tasks", "none", "--output", str(tmp_path / "r.json")])
+    assert record["method"] == "rtn" and record["label"] == "4g32-8-4k"
+    assert json.loads((tmp_path / "r.json").read_text())["quantization"]["w_group_size"] == 32
+    checkpoint = tmp_path / "qat"
+    save_quantized(quantize_model(tiny_model, 4, 8, 4), checkpoint, tokenizer)
+    with pytest.raises(SystemExit, match="omit W A KV, --w-group-size and --kv-placement"):
+        evaluate_script.main([str(checkpoint), "--w-group-size", "32", "--tasks", "none"])

@@ -269,3 +269,82 @@ def test_embedded_smollm2_w8a8kv8_changes_perplexity_less_than_w4a8kv4():
           f"W8A8KV8 {w8a8kv8:.3f}, W4A8KV4 {w4a8kv4:.3f}")
     assert w8a8kv8 != full_precision and w4a8kv4 != full_precision
     assert abs(w8a8kv8 - full_precision) < abs(w4a8kv4 - full_precision)
+
+
+# ---- the options beyond the paper: group-wise weights, keys quantized after rotary embedding ----
+
+def cache_rows(states):
+    """Cached keys or values [batch, kv_heads, tokens, head_dim] as one row per token over all heads."""
+    return states.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("placement", ["pre_rope", "post_rope"])
+def test_the_kv_cache_holds_what_the_placement_says_during_generate(make_tiny_model, tiny_config, tiny_input_ids,
+                                                                    placement):
+    model = quantize_model(make_tiny_model(tiny_config, torch.float64), QATConfig(4, 8, 4, kv_placement=placement))
+    new_tokens = 6
+    with torch.no_grad():
+        cached = model.generate(tiny_input_ids, attention_mask=torch.ones_like(tiny_input_ids), do_sample=False,
+                                max_new_tokens=new_tokens, use_cache=True, return_dict_in_generate=True)
+    for layer in cached.past_key_values.layers:
+        assert layer.keys.shape[2] == tiny_input_ids.shape[1] + new_tokens - 1  # prefill and every decode step
+        assert on_symmetric_grid(cache_rows(layer.values), 4)
+        # pre_rope quantizes keys before rotary embedding, which moves them off the grid; post_rope after it.
+        assert on_symmetric_grid(cache_rows(layer.keys), 4) == (placement == "post_rope")
+
+
+@pytest.mark.parametrize("placement", ["pre_rope", "post_rope"])
+def test_cached_decoding_gives_the_full_forward_logits_at_every_position(make_tiny_model, tiny_config,
+                                                                         tiny_input_ids, placement):
+    from transformers import DynamicCache
+    model = quantize_model(make_tiny_model(tiny_config, torch.float64), QATConfig(4, 8, 4, kv_placement=placement))
+    full = logits(model, tiny_input_ids)
+    cache, prefill = DynamicCache(), 5
+    with torch.no_grad():
+        steps = [model(tiny_input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        steps += [model(tiny_input_ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                  for t in range(prefill, tiny_input_ids.shape[1])]
+    assert torch.allclose(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_post_rope_keys_are_quantized_without_a_cache_too_and_requantizing_removes_the_hook(make_tiny_model,
+                                                                                            tiny_config,
+                                                                                            tiny_input_ids):
+    model = make_tiny_model(tiny_config)
+    pre = logits(quantize_model(make_tiny_model(tiny_config), QATConfig(16, 16, 4)), tiny_input_ids)
+    post = logits(quantize_model(model, QATConfig(16, 16, 4, kv_placement="post_rope")), tiny_input_ids)
+    assert model.model.layers[0].self_attn.k_proj.out_bits == 16 and model.model.layers[0].self_attn.v_proj.out_bits == 4
+    assert not torch.equal(pre, post)
+    assert torch.equal(logits(quantize_model(model, QATConfig(16, 16, 4)), tiny_input_ids), pre)
+
+
+def test_options_travel_with_the_checkpoint_and_remote_code(tiny_llama, tiny_input_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from models.checkpoint import save_quantized
+    from utils.loading import load_model
+    config = QATConfig(4, 8, 4, w_group_size=16, kv_placement="post_rope")
+    expected = logits(quantize_model(tiny_llama, config), tiny_input_ids)
+    save_quantized(tiny_llama, tmp_path / "ckpt")
+    for loaded in (load_model(tmp_path / "ckpt"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()):
+        assert QATConfig(**loaded.config.llm_qat) == config
+        assert loaded.model.layers[1].mlp.down_proj.w_group_size == 16
+        assert torch.equal(logits(loaded, tiny_input_ids), expected)
+
+
+def test_a_group_size_that_does_not_divide_names_the_sizes_that_do(tiny_llama):
+    with pytest.raises(ValueError, match=r"w_group_size=48 does not divide the 64 input columns of "
+                                         r"model\.layers\.0\.self_attn\.q_proj; use one of: 1, 2, 4, 8, 16, 32, 64"):
+        quantize_model(tiny_llama, QATConfig(4, 8, 4, w_group_size=48))
+    for bad in (0, -32, 2.5):
+        with pytest.raises(ValueError, match="w_group_size"):
+            QATConfig(4, w_group_size=bad)
+    with pytest.raises(ValueError, match="kv_placement='after' is not one of pre_rope, post_rope"):
+        QATConfig(kv_placement="after")
+
+
+def test_labels_name_the_options_that_change_the_model():
+    assert QATConfig(4, 8, 4).label() == "4-8-4"
+    assert QATConfig(4, 8, 4, w_group_size=128).label() == "4g128-8-4"
+    assert QATConfig(4, 8, 4, kv_placement="post_rope").label() == "4-8-4k"
+    assert QATConfig(16, 8, 16, w_group_size=128, kv_placement="post_rope").label() == "16-8-16"

@@ -194,3 +194,15 @@ def test_check_bits_accepts_allowed_values(bits):
 def test_check_bits_rejects_anything_else_naming_the_allowed_values(bits):
     with pytest.raises(ValueError, match=r"2\.\.8.*16"):
         check_bits(bits, "w_bits")
+
+
+@pytest.mark.parametrize("bits", QUANTIZED_BITS)
+@pytest.mark.parametrize("group_size", [8, 32])
+def test_group_wise_weights_equal_the_per_channel_reference_on_each_group(bits, group_size):
+    weight = random_weight()[:5].clone()  # rows 0-4: none of them the all-zero row
+    out_features, in_features = weight.shape
+    # Independently: every group of G columns of a row is its own channel of PyTorch's per-channel quantizer.
+    groups = weight.reshape(out_features * in_features // group_size, group_size)
+    expected = symmetric_reference(groups, bits).reshape(weight.shape)
+    assert torch.equal(fake_quantize(weight, bits, group_size=group_size), expected)
+    assert not torch.equal(fake_quantize(weight, bits, group_size=group_size), fake_quantize(weight, bits))

@@ -139,3 +139,14 @@ def test_run_train_checks_the_bits_before_generating_data(tmp_path):
     assert result.stderr.strip() == ("run_train.sh: error: w_bits=0 is not supported; use an integer in 2..8, or 16 "
                                      "for full precision")
     assert not (tmp_path / "gen").exists()
+
+
+def test_quantizer_options_are_flags_and_recorded_in_the_checkpoint(tiny_teacher_dir, tmp_path):
+    output = tmp_path / "out"
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "1", "--w_group_size", "16",
+                          "--kv_placement", "post_rope", "--ste_clip", "0"))
+    saved = json.loads((output / "config.json").read_text())["llm_qat"]
+    assert (saved["w_group_size"], saved["kv_placement"], saved["ste_clip"]) == (16, "post_rope", None)
+    student = load_model(output)
+    assert student.model.layers[0].mlp.up_proj.w_group_size == 16
+    assert student.model.layers[0].self_attn.k_proj.out_bits == 16  # keys: quantized after rotary embedding
