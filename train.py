@@ -18,6 +18,7 @@ from typing import get_type_hints
 
 import torch
 import transformers
+from accelerate.utils import DistributedType
 from transformers import AutoConfig, HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                         processing_class=tokenizer)
 
     logger.info("Training on %d process(es), %s", training_args.world_size, trainer.accelerator.distributed_type)
+    if training_args.fsdp and trainer.accelerator.distributed_type != DistributedType.FSDP:
+        logger.warning("--fsdp was given, but Accelerate enables FSDP on GPUs only: this run is not sharded")
     if resume:
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
