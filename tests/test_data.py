@@ -1,10 +1,11 @@
 """The .jsonl training dataset and its collator."""
 import json
+import random
 
 import pytest
 import torch
 
-from utils.data import PadCollator, TokenSequenceDataset
+from utils.data import PadCollator, TokenSequenceDataset, read_token_sequences
 from utils.records import TeacherIdentity
 
 
@@ -13,6 +14,9 @@ class WordTokenizer:
 
     def __call__(self, text):
         return {"input_ids": [len(word) for word in text.split()]}
+
+    def get_vocab(self):  # what identifies a tokenizer (the token store keys text lines on its hash)
+        return {"<word of length n>": 0}
 
 
 def write_lines(path, records):
@@ -31,6 +35,36 @@ def test_packing_makes_full_blocks(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5, 6, 7, 8]}])
     dataset = TokenSequenceDataset(data, max_length=3, packing=True)
     assert [dataset[i]["input_ids"] for i in range(len(dataset))] == [[1, 2, 3], [4, 5, 6]]
+
+
+def list_based_examples(path, max_length, packing, tokenizer, vocab_size):
+    """The dataset before the token store: every sequence in Python lists, sliced."""
+    sequences = read_token_sequences(path, tokenizer, vocab_size=vocab_size)
+    if not packing:
+        return [ids[:max_length] for ids in sequences]
+    stream = [token for ids in sequences for token in ids]
+    return [stream[i:i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
+
+
+@pytest.mark.parametrize("vocab_size,largest_id", [(128, 127), (70_000, 69_999), (None, 2**32 - 1)])
+@pytest.mark.parametrize("packing", [False, True])
+def test_items_equal_the_list_based_dataset(tmp_path, vocab_size, largest_id, packing):
+    rng = random.Random(0)
+    records = [{"input_ids": [rng.randint(0, largest_id) for _ in range(rng.randint(1, 20))]} for _ in range(30)]
+    records[3]["input_ids"][0] = largest_id  # the edge of uint16 / uint32 storage
+    records[7] = {"text": "a bb ccc dddd"}
+    data = write_lines(tmp_path / "d.jsonl", records)
+    for max_length in (1, 3, 7, 25):
+        dataset = TokenSequenceDataset(data, max_length, WordTokenizer(), packing, vocab_size=vocab_size)
+        expected = list_based_examples(data, max_length, packing, WordTokenizer(), vocab_size)
+        assert [item["input_ids"] for item in dataset] == expected
+        assert dataset[-1] == {"input_ids": expected[-1]}
+
+
+def test_packing_needs_one_full_block(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", [{"input_ids": [1, 2, 3]}])
+    with pytest.raises(ValueError, match="holds 3 tokens, fewer than one block of 4"):
+        TokenSequenceDataset(data, max_length=4, packing=True)
 
 
 @pytest.mark.parametrize("bad_line", ["{not json", json.dumps({"other": 1}), json.dumps({"input_ids": []})])
