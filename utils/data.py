@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.records import TeacherIdentity, read_sequence
+from utils.records import TeacherIdentity, read_sequence, tokenizer_hash
 from utils.token_store import MAX_VOCAB_SIZE, open_token_store
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ class TokenSequenceDataset(Dataset):
         path = existing_data_file(path)
         # What the stored ids depend on besides the file's bytes (whose token ids, which tokenizer for `text` lines):
         # a store built for another model is built, and checked, again.
-        built_for = {"teacher": f"vocab={teacher.vocab_size}|tokenizer={teacher.tokenizer_hash}" if teacher else None,
-                     "tokenizer": TeacherIdentity.of("", tokenizer, 0).tokenizer_hash if tokenizer else None}
+        built_for = {"teacher": [teacher.vocab_size, teacher.tokenizer_hash] if teacher else None,
+                     "tokenizer": tokenizer_hash(tokenizer) if tokenizer else None}
         id_limit = vocab_size if vocab_size is not None else MAX_VOCAB_SIZE
         self.store = open_token_store(path, iter_token_sequences(path, tokenizer, teacher, id_limit), vocab_size,
                                       built_for)

@@ -21,6 +21,12 @@ from pathlib import Path
 from utils.loading import DEFAULT_MODEL_NAME, is_default_model
 
 
+def tokenizer_hash(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary: equal hashes, equal token ids for the same words."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class TeacherIdentity:
     name: str
@@ -29,8 +35,7 @@ class TeacherIdentity:
 
     @classmethod
     def of(cls, name: str, tokenizer, vocab_size: int) -> TeacherIdentity:
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]))
-        return cls(name, vocab_size, hashlib.sha256(vocab.encode()).hexdigest()[:12])
+        return cls(name, vocab_size, tokenizer_hash(tokenizer))
 
     @classmethod
     def parse(cls, text) -> TeacherIdentity:
