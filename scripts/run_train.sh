@@ -5,8 +5,9 @@
 #   MODEL=/models/llama-7b DATA=gen_data/all.jsonl OUTPUT_DIR=output/llama7b-448 bash scripts/run_train.sh 4 8 4
 # Quantizer options beyond the paper's: W_GROUP_SIZE=128 (group-wise weights), KV_PLACEMENT=post_rope (keys
 # quantized after rotary embedding); or any train.py flag after the bits.
-# On GPUs it launches torchrun over every visible device with the released LLaMA-7B recipe (bf16, gradient
-# checkpointing, FSDP full_shard on LlamaDecoderLayer, sequence length 2048). On CPU it runs a small, quick
+# On GPUs it prints the memory plan (scripts/plan_memory.py), then launches torchrun over every visible device with
+# the released LLaMA-7B recipe (bf16, gradient checkpointing, FSDP full_shard on LlamaDecoderLayer, with CPU offload
+# when the plan does not fit, sequence length 2048). On CPU it runs a small, quick
 # version of the same training on the embedded SmolLM2-135M (see CPU_* below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ CPU_MAX_LENGTH=${CPU_MAX_LENGTH:-128}
 CPU_BATCH_SIZE=${CPU_BATCH_SIZE:-4}
 CPU_LEARNING_RATE=${CPU_LEARNING_RATE:-1e-4}
 CPU_EPOCHS=${CPU_EPOCHS:-1}
+SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}            # checkpoints kept (~80 GB each for 7B with optimizer state)
 
 # The quantizer settings are checked before anything long starts (data generation, model loading).
 "$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" "$W_GROUP_SIZE" "$KV_PLACEMENT" <<'CHECK'
@@ -61,14 +63,27 @@ if [ ! -f "$DATA" ]; then
 fi
 
 common=(train.py "${model_arg[@]}" --data_path "$DATA" --output_dir "$OUTPUT_DIR"
-        --w_bits "$W_BITS" --a_bits "$A_BITS" --kv_bits "$KV_BITS" "${options[@]}")
+        --w_bits "$W_BITS" --a_bits "$A_BITS" --kv_bits "$KV_BITS" "${options[@]}"
+        --save_total_limit "$SAVE_TOTAL_LIMIT")
 
 if [ "$NUM_GPUS" -gt 0 ]; then
-  echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on $NUM_GPUS GPU(s) with torchrun -> $OUTPUT_DIR"
-  fsdp=()
-  [ "$NUM_GPUS" -gt 1 ] && fsdp=(--fsdp "full_shard auto_wrap" --fsdp_config scripts/fsdp_config.json)
+  # FSDP on every GPU count, one included: a 7B student with AdamW (16 bytes/param) fits no single GPU unsharded.
+  # The memory plan comes first; CPU offload of weights, gradients and optimizer where the plan does not fit.
+  gpu_gib=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)")
+  model_dir=$("$PYTHON" -c "import sys; from utils.loading import resolve_model_path; print(resolve_model_path(sys.argv[1]))" "$MODEL")
+  plan=(scripts/plan_memory.py --model "$model_dir" --gpus "$NUM_GPUS" --gpu-memory "$gpu_gib" --seq-len 2048)
+  sharding="full_shard auto_wrap"
+  if "$PYTHON" "${plan[@]}"; then
+    if ! "$PYTHON" "${plan[@]}" --json | "$PYTHON" -c "import json, sys; sys.exit(not json.load(sys.stdin)[0]['fits'])"; then
+      echo "[run_train] the plan does not fit: FSDP with CPU offload (--fsdp \"full_shard offload auto_wrap\")"
+      sharding="full_shard offload auto_wrap"
+    fi
+  else
+    echo "[run_train] no memory plan for $model_dir (no local config.json?); launching without one" >&2
+  fi
+  echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on $NUM_GPUS GPU(s), torchrun + FSDP ($sharding) -> $OUTPUT_DIR"
   exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" "${common[@]}" \
-    --bf16 --gradient_checkpointing --model_max_length 2048 "${fsdp[@]}" "$@"
+    --bf16 --gradient_checkpointing --model_max_length 2048 --fsdp "$sharding" --fsdp_config scripts/fsdp_config.json "$@"
 else
   echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on CPU (quick settings) -> $OUTPUT_DIR"
   exec "$PYTHON" "${common[@]}" --model_max_length "$CPU_MAX_LENGTH" --per_device_train_batch_size "$CPU_BATCH_SIZE" \
