@@ -18,8 +18,9 @@ from typing import get_type_hints
 
 import torch
 import transformers
-from accelerate.utils import DistributedType
-from transformers import AutoConfig, HfArgumentParser, TrainingArguments
+from accelerate import init_empty_weights
+from accelerate.utils import DistributedType, set_module_tensor_to_device
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -130,6 +131,30 @@ def checkpoint_to_resume(training_args: TrainingArguments, qat_config: QATConfig
     return resume
 
 
+def reads_weights(training_args: TrainingArguments) -> bool:
+    """False on every process but the first under FSDP2 with `cpu_ram_efficient_loading` (issue "Paper scale on
+    GPUs"): Accelerate's `fsdp2_prepare_model` then fills each process's shards by broadcast from process 0's full
+    state dict, so one copy of each model is read instead of one per process. (transformers 5's own switch for this,
+    `is_fsdp_enabled()`, still reads the weights on every process, and is only on once the Accelerator exists.)"""
+    plugin = training_args.fsdp_plugin_args or {}
+    efficient = plugin.get("fsdp_version") == 2 and plugin.get("cpu_ram_efficient_loading")
+    return not efficient or training_args.process_index == 0
+
+
+def load_float_model(model_path: str, dtype: torch.dtype, training_args: TrainingArguments):
+    if reads_weights(training_args):
+        return load_model(model_path, dtype=dtype, quantized=False)
+    # Buffers real (Accelerate keeps each process's own non-persistent ones, rotary inv_freq, which the broadcast
+    # does not carry); parameters in uninitialised CPU memory, which stays unresident until Accelerate drops it for
+    # the shards. Not the meta device: Accelerate maps the optimizer's parameters to the shards by address.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    for name, parameter in model.named_parameters():
+        set_module_tensor_to_device(model, name, "cpu", torch.empty_like(parameter, device="cpu"))
+    model.tie_weights()  # init_empty_weights re-creates each parameter it registers: the tie made inside is lost
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, QuantArguments, DistillationArguments,
                                QATTrainingArguments))
@@ -149,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                                    teacher=teacher_id, vocab_size=vocab_size)
     # A QAT checkpoint given as the model loads its float (latent) weights: they are the teacher and the start.
     # Two loads rather than a deepcopy: under DeepSpeed ZeRO-3 each load is partitioned as it happens.
-    teacher = load_model(model_path, dtype=torch.bfloat16 if training_args.bf16 else torch.float32, quantized=False)
-    student = quantize_model(load_model(model_path, dtype=torch.float32, quantized=False), qat_config)
+    teacher = load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32, training_args)
+    student = quantize_model(load_float_model(model_path, torch.float32, training_args), qat_config)
     logger.info("Student W%dA%dKV%d: %d quantized linear layers; teacher frozen in %s", qat_config.w_bits,
                 qat_config.a_bits, qat_config.kv_bits, len(quantized_modules(student)), teacher.dtype)
 

@@ -1,4 +1,5 @@
-"""train.py sharded with FSDP2 over two CPU processes (gloo): student and teacher both sharded, bf16 mixed precision.
+"""train.py sharded with FSDP2 over two CPU processes (gloo): student and teacher both sharded, bf16 mixed precision,
+loaded by rank 0 only (scripts/fsdp_config.json's cpu_ram_efficient_loading).
 
 The run goes through tests/fsdp_worker.py, which only turns on Accelerate's FSDP path for CPU processes.
 """
@@ -21,7 +22,8 @@ from utils.kd_trainer import kd_loss
 from utils.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(REPO / "scripts" / "fsdp_config.json"), "--bf16",
+FSDP_CONFIG = REPO / "scripts" / "fsdp_config.json"
+FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(FSDP_CONFIG), "--bf16",
         "--ddp_backend", "gloo", "--per_device_train_batch_size", "2", "--dataloader_drop_last"]
 # A first step of SGD with learning rate 1 and no clipping subtracts the gradient itself. Momentum gives the optimizer
 # a state: torch's FSDP2 optimizer loading fails on a stateless one ("Expected device to be set").
@@ -37,9 +39,12 @@ def run_sharded(root, output, *extra):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def rank_reports(output):
+    return [json.loads((output / f"fsdp_rank{rank}.json").read_text()) for rank in range(2)]
+
+
 def assert_teacher_sharded(output):
-    for rank in range(2):
-        report = json.loads((output / f"teacher_rank{rank}.json").read_text())
+    for report in rank_reports(output):
         assert report["fsdp_module"] and report["resharded_after_forward"] and not report["requires_grad"]
         assert report["local_share"] == pytest.approx(0.5, abs=0.05)  # half the teacher per process, not a replica
 
@@ -56,25 +61,54 @@ def sharded_run(tiny_teacher_dir, tmp_path_factory):
     return output
 
 
-@pytest.mark.slow
-def test_sharded_step_matches_one_process_with_bf16_params(tiny_teacher_dir, sharded_run):
-    assert_teacher_sharded(sharded_run)
+@pytest.fixture(scope="module")
+def one_process_step(tiny_teacher_dir):
+    """The same first step in one process with bf16 parameters, on both ranks' rows: its loss and gradients."""
     teacher_dir = tiny_teacher_dir / "teacher"
     teacher = load_model(teacher_dir, dtype=torch.bfloat16)
     student = quantize_model(load_model(teacher_dir, dtype=torch.bfloat16), 4, 8, 4)
     dataset = TokenSequenceDataset(tiny_teacher_dir / "data.jsonl", 16)
-    batch = PadCollator(teacher.config.pad_token_id)([dataset[i] for i in range(len(dataset))])  # both ranks' rows
+    batch = PadCollator(teacher.config.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         teacher_logits = teacher(**batch).logits
     loss = kd_loss(student(**batch).logits, teacher_logits, batch["attention_mask"])
     loss.backward()
+    return loss.item(), {name: parameter.grad.float() for name, parameter in student.named_parameters()}
 
-    assert logged_losses(sharded_run)[0] == pytest.approx(loss.item(), rel=1e-3)
+
+def assert_step_matches(output, teacher_dir, one_process_step):
+    loss, gradients = one_process_step
+    assert logged_losses(output)[0] == pytest.approx(loss, rel=1e-3)
     before = load_file(teacher_dir / "model.safetensors")
-    after = load_file(sharded_run / "model.safetensors")
-    errors = {name: relative_error(before[name] - after[name], parameter.grad.float())
-              for name, parameter in student.named_parameters()}
+    after = load_file(output / "model.safetensors")
+    errors = {name: relative_error(before[name] - after[name], gradient) for name, gradient in gradients.items()}
     assert max(errors.values()) < 1e-2, errors  # bf16 rounding: measured 0.4% at most
+
+
+@pytest.mark.slow
+def test_sharded_step_matches_one_process_with_bf16_params(tiny_teacher_dir, sharded_run, one_process_step):
+    assert_teacher_sharded(sharded_run)
+    assert_step_matches(sharded_run, tiny_teacher_dir / "teacher", one_process_step)
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_the_weights(tiny_teacher_dir, sharded_run, one_process_step, tmp_path):
+    """Issue "Paper scale on GPUs", item 3: rank 1 builds both models without reading them, and the broadcast at
+    sharding gives it rank 0's (the step above matches one process), rotary buffers and tied embeddings included.
+    With cpu_ram_efficient_loading off, every rank reads both models, and the step is the same."""
+    inv_freq = load_model(tiny_teacher_dir / "teacher").model.rotary_emb.inv_freq.tolist()
+    reports = rank_reports(sharded_run)
+    assert [report["weight_files_read"] for report in reports] == [2, 0]  # teacher and student, by rank 0 only
+    for report in reports:
+        assert report["tied"] == {"student": True, "teacher": True}
+        assert report["inv_freq"] == {"student": inv_freq, "teacher": inv_freq}
+
+    config = tmp_path / "fsdp_config.json"
+    config.write_text(json.dumps({**json.loads(FSDP_CONFIG.read_text()), "cpu_ram_efficient_loading": False}))
+    output = tmp_path / "out"
+    run_sharded(tiny_teacher_dir, output, "--max_steps", "1", *SGD, "--fsdp_config", str(config))
+    assert [report["weight_files_read"] for report in rank_reports(output)] == [2, 2]
+    assert_step_matches(output, tiny_teacher_dir / "teacher", one_process_step)
 
 
 @pytest.mark.slow
