@@ -110,13 +110,16 @@ class QATConfig:
     def label(self) -> str:
         """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
         weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`); then the recipe unless it is
-        the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`)."""
+        the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`); none of
+        these when nothing is quantized (`16-16-16`)."""
         weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \
             else f"{self.w_bits}"
         keys = "k" if self.kv_placement == "post_rope" and self.kv_bits != FULL_PRECISION else ""
         recipe = [self.recipe] if self.recipe != "paper" else []
         recipe += [f"{name}={getattr(self, name)}".lower() for name, value in RECIPES[self.recipe].items()
                    if getattr(self, name) != value]
+        if {self.w_bits, self.a_bits, self.kv_bits} == {FULL_PRECISION}:  # nothing quantized: no recipe to tell
+            recipe = []
         return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}" + "".join(f"+{part}" for part in recipe)
 
 

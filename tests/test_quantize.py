@@ -383,6 +383,7 @@ def test_labels_name_the_recipe_and_the_options_that_differ_from_it():
     assert QATConfig(4, 8, 4, grid="full").label() == "4-8-4+grid=full"
     assert QATConfig(4, 8, 4, ste_clip=None).label() == "4-8-4+ste_clip=none"
     assert QATConfig(4, 8, 4, recipe="deploy", ste_clip=2.0).label() == "4-8-4+deploy+ste_clip=2.0"
+    assert QATConfig(recipe="deploy", ste_clip=2.0).label() == "16-16-16"  # nothing quantized: no recipe to tell
 
 
 def test_deploy_student_quantizes_on_the_full_grid(tiny_llama, tiny_input_ids):
