@@ -2,7 +2,7 @@
 
 LLM-QAT (Liu et al., 2023) only fake-quantizes: its checkpoints hold full-size float weights. Here the
 quantized weights of every `QuantLinear` are written out as what they are, integer codes times one scale
-per output channel (paper eq. 1, symmetric MinMax):
+per output channel (paper eq. 1, symmetric MinMax; on the full grid of the "deploy" recipe, compressed-tensors'):
 
   - `packed`: the compressed-tensors format that vLLM and llm-compressor load. W2..W7 use its
     `pack-quantized` layout (32 codes of b bits densely in b int32 words: two 4-bit codes per byte),
@@ -10,7 +10,9 @@ per output channel (paper eq. 1, symmetric MinMax):
     student's weight bit for bit. Activations are recorded as dynamic per-token at A bits
     (`input_activations`); the KV quantizer, which the paper puts on the k/v projection outputs, as
     dynamic per-token `output_activations` of k_proj/v_proj. The exact settings also stay under
-    `llm_qat`, which `load_packed` uses to rebuild the student with this repo's own quantizers.
+    `llm_qat`, which `load_packed` uses to rebuild the student with this repo's own quantizers. With the
+    full grid (recipe "deploy") those schemes are the student's own quantizers, so plain transformers +
+    compressed-tensors run the export as trained (pre-RoPE KV; docs/EXPORT.md says which engine runs what).
   - `folded`: a plain Hugging Face checkpoint whose float weights already hold the dequantized values;
     `llm_qat` stays in its config, so `load_student` rebuilds the same student from it
     (re-quantizing a weight that is already on its grid gives it back unchanged).
@@ -50,9 +52,9 @@ _REWRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.
 def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer codes (int8, [out, in]) and scales (float: [out, 1] per channel, [out, in / G] per group of
     G columns) of `layer`'s weight, with codes * scales (per group) == `layer.quantized_weight()` bit for bit: the
-    same scale and rounding as `models.quantizers` (symmetric MinMax, x * (1 / s) rounded half-to-even)."""
+    same scale and rounding as `models.quantizers` on the layer's grid."""
     weight = layer.weight.detach()
-    codes, scales = symmetric_codes(grouped(weight, layer.w_group_size), layer.w_bits)
+    codes, scales = symmetric_codes(grouped(weight, layer.w_group_size), layer.w_bits, layer.grid)
     if layer.w_group_size:
         codes, scales = codes.reshape(weight.shape), scales.squeeze(-1)
     return codes.to(torch.int8), scales
@@ -258,9 +260,9 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
 
     compressed-tensors' own decompressor turns each layer's packed codes and scales back into weights,
     bit-identical to the student's fake-quantized weights. The student's activation and KV quantizers are
-    then put back from `llm_qat`: compressed-tensors' dynamic quantizers use a different range
-    (scale = max|x| / (2^(b-1) - 0.5), codes down to -2^(b-1)), so running its forward would not give the
-    student's logits."""
+    then put back from `llm_qat`: on the paper's grid compressed-tensors' dynamic quantizers use a different
+    range (scale = max|x| / (2^(b-1) - 0.5), codes down to -2^(b-1)), so running its forward would not give the
+    student's logits; on the full grid they would (pre-RoPE KV), and this gives the same."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules, match_targets

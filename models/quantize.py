@@ -16,6 +16,11 @@ its cache (`KeyQuantizingCache`) whose `update` quantizes the rotated keys befor
 the cache holds exactly the quantized keys and values, on the prefill and on every decode step.
 Embeddings, norms and `lm_head` stay in full precision. 16 bits means "not quantized".
 
+Two recipes (issue #16), each only a set of defaults for the options `grid` and `ste_clip`:
+  - "paper" (the default): the paper's grid of 2^b - 1 levels and the released STE (`ste_clip=2`);
+  - "deploy": compressed-tensors' full 2^b-level grid, the one vLLM and transformers run, and an STE that is
+    zero only where that grid clips (`ste_clip=None`), so a packed export runs as the student trained.
+
 The settings are written to `model.config.llm_qat`, so they travel with `save_pretrained`; `models.checkpoint`
 saves and reloads students.
 
@@ -33,12 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import FULL_PRECISION, check_bits, fake_quantize
+from .quantizers import FULL_PRECISION, GRIDS, check_bits, fake_quantize
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 KV_PLACEMENTS = ("pre_rope", "post_rope")
 CONFIG_KEY = "llm_qat"
 NEVER_CLIP_FLAG = 0  # how a command line spells ste_clip=None
+RECIPES = {"paper": dict(grid="paper", ste_clip=2.0), "deploy": dict(grid="full", ste_clip=None)}
+
+
+class _RecipeDefault:
+    """The default of an option that the recipe sets (distinct from None, which ste_clip uses)."""
+
+    def __repr__(self):
+        return "the recipe's"
+
+
+RECIPE_DEFAULT = _RecipeDefault()
 
 
 @dataclass(frozen=True)
@@ -50,15 +66,29 @@ class QATConfig:
     kv_bits: int = field(default=16, metadata={"help": "KV-cache bits (k_proj/v_proj outputs), 2..8 or 16"})
     act_symmetric: bool = field(default=True, metadata={
         "help": "symmetric per-token activations; --no_act_symmetric: asymmetric MinMax with a zero point"})
-    ste_clip: float | None = field(default=2.0, metadata={
-        "help": "zero the straight-through gradient where |x| >= this (released code: 2); 0 = never clip"})
+    ste_clip: float | None = field(default=RECIPE_DEFAULT, metadata={
+        "help": "zero the straight-through gradient where |x| >= this (released code, recipe paper: 2); 0 = never "
+                "clip (recipe deploy)"})
     w_group_size: int | None = field(default=None, metadata={
         "help": "one weight scale per group of this many input columns (e.g. 128); default: per output channel"})
     kv_placement: str = field(default="pre_rope", metadata={
         "help": "pre_rope: quantize the k/v projection outputs (released code); post_rope: keys after rotary "
                 "embedding, as a serving engine's KV cache holds them", "choices": KV_PLACEMENTS})
+    recipe: str = field(default="paper", metadata={
+        "help": "paper: reproduce the paper (grid paper, ste_clip 2); deploy: what compressed-tensors / vLLM run "
+                "(grid full, ste_clip 0); the other options override it", "choices": tuple(RECIPES)})
+    grid: str = field(default=RECIPE_DEFAULT, metadata={
+        "help": "paper: 2^b - 1 levels, scale max|x| / (2^(b-1) - 1); full: compressed-tensors' 2^b levels, scale "
+                "max|x| / (2^(b-1) - 0.5), gradient zero where it clips", "choices": GRIDS})
 
     def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r} is not one of {', '.join(RECIPES)}")
+        for name, value in RECIPES[self.recipe].items():  # frozen: options left to the recipe are set here
+            if isinstance(getattr(self, name), _RecipeDefault):  # not `is`: flags reach here deep-copied
+                object.__setattr__(self, name, value)
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid={self.grid!r} is not one of {', '.join(GRIDS)}")
         for name in ("w_bits", "a_bits", "kv_bits"):
             check_bits(getattr(self, name), name)
         if self.w_group_size is not None and not (isinstance(self.w_group_size, int) and self.w_group_size > 0):
@@ -79,11 +109,18 @@ class QATConfig:
 
     def label(self) -> str:
         """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
-        weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`)."""
+        weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`); then the recipe unless it is
+        the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`); none of
+        these when nothing is quantized (`16-16-16`)."""
         weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \
             else f"{self.w_bits}"
         keys = "k" if self.kv_placement == "post_rope" and self.kv_bits != FULL_PRECISION else ""
-        return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}"
+        recipe = [self.recipe] if self.recipe != "paper" else []
+        recipe += [f"{name}={getattr(self, name)}".lower() for name, value in RECIPES[self.recipe].items()
+                   if getattr(self, name) != value]
+        if {self.w_bits, self.a_bits, self.kv_bits} == {FULL_PRECISION}:  # nothing quantized: no recipe to tell
+            recipe = []
+        return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}" + "".join(f"+{part}" for part in recipe)
 
 
 class QuantLinear(nn.Linear):
@@ -95,25 +132,27 @@ class QuantLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits, self.out_bits = config.w_bits, config.a_bits, out_bits
         self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
+        self.grid = config.grid
 
     def quantized_weight(self):
-        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size)
+        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size, self.grid)
 
     def forward(self, x):
-        x = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip)
+        x = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip, None, self.grid)
         y = F.linear(x, self.quantized_weight(), self.bias)
-        return fake_quantize(y, self.out_bits, True, self.ste_clip)
+        return fake_quantize(y, self.out_bits, True, self.ste_clip, None, self.grid)
 
     def extra_repr(self):
         group = f", w_group_size={self.w_group_size}" if self.w_group_size else ""
-        return f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, out_bits={self.out_bits}"
+        return (f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, out_bits={self.out_bits}, "
+                f"grid={self.grid}")
 
 
-def quantize_per_token(states: torch.Tensor, bits: int, ste_clip: float | None) -> torch.Tensor:
+def quantize_per_token(states: torch.Tensor, bits: int, ste_clip: float | None, grid: str = "paper") -> torch.Tensor:
     """Keys or values as attention holds them, [batch, heads, tokens, head_dim], quantized with one scale per
     token across all heads: the same grouping as the k/v projection outputs of the pre-RoPE placement."""
     per_token = states.transpose(1, 2)
-    quantized = fake_quantize(per_token.flatten(-2), bits, True, ste_clip).unflatten(-1, per_token.shape[-2:])
+    quantized = fake_quantize(per_token.flatten(-2), bits, True, ste_clip, None, grid).unflatten(-1, per_token.shape[-2:])
     return quantized.transpose(1, 2)
 
 
@@ -123,11 +162,11 @@ class KeyQuantizingCache:
     without a cache, e.g. in training) and returns what attention uses. Values arrive quantized from v_proj.
     Everything else is the real cache's."""
 
-    def __init__(self, cache, bits: int, ste_clip: float | None):
-        self.cache, self.bits, self.ste_clip = cache, bits, ste_clip
+    def __init__(self, cache, bits: int, ste_clip: float | None, grid: str = "paper"):
+        self.cache, self.bits, self.ste_clip, self.grid = cache, bits, ste_clip, grid
 
     def update(self, key_states, value_states, *args, **kwargs):
-        key_states = quantize_per_token(key_states, self.bits, self.ste_clip)
+        key_states = quantize_per_token(key_states, self.bits, self.ste_clip, self.grid)
         if self.cache is None:
             return key_states, value_states
         return self.cache.update(key_states, value_states, *args, **kwargs)
@@ -136,8 +175,8 @@ class KeyQuantizingCache:
         return getattr(self.cache, name)
 
 
-def _hand_key_quantizing_cache(module, args, kwargs, bits, ste_clip):
-    kwargs["past_key_values"] = KeyQuantizingCache(kwargs.get("past_key_values"), bits, ste_clip)
+def _hand_key_quantizing_cache(module, args, kwargs, bits, ste_clip, grid):
+    kwargs["past_key_values"] = KeyQuantizingCache(kwargs.get("past_key_values"), bits, ste_clip, grid)
     return args, kwargs
 
 
@@ -176,7 +215,8 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
                 del module._llm_qat_key_hook
             if not pre_rope and config.kv_bits != FULL_PRECISION:
                 module._llm_qat_key_hook = module.register_forward_pre_hook(
-                    partial(_hand_key_quantizing_cache, bits=config.kv_bits, ste_clip=config.ste_clip), with_kwargs=True)
+                    partial(_hand_key_quantizing_cache, bits=config.kv_bits, ste_clip=config.ste_clip,
+                            grid=config.grid), with_kwargs=True)
     model.config.llm_qat = asdict(config)
     return model
 

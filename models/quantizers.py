@@ -21,8 +21,17 @@ The math runs in float32 whatever the input's dtype (float64 stays float64) and 
 input's dtype: in bfloat16 (autocast, or FSDP2 with bf16 params) x * (1/s) and codes * s would round to other
 codes than the float32 export computes. None of these ops is one that autocast lowers, so it needs no guard.
 
+Full grid (`grid="full"`, issue #16): the 2^b-level integer grid of compressed-tensors, which vLLM and
+transformers run, computed as its `calculate_qparams` and `fake_quantize` do (codes signed, 0 representable):
+    symmetric:  s = max|X_row| / ((2^b - 1) / 2),  z = 0          (int4: codes -8..7, s = max / 7.5)
+    asymmetric: s = (max(X_row, 0) - min(X_row, 0)) / (2^b - 1),  z = round(clamp(-2^(b-1) - min / s, grid))
+    X_q = (round(clamp(X / s + z, -2^(b-1), 2^(b-1) - 1)) - z) * s
+with a true division X / s, so the result equals compressed-tensors' bit for bit in float32 and float64.
+
 Backward is the straight-through estimator: the gradient passes unchanged, except that (as in the
 released LLM-QAT code) it is zeroed where |X| >= ste_clip. `ste_clip=None` passes it everywhere.
+On the full grid it is also zeroed where the grid clips, i.e. where round(X / s + z) falls outside the codes
+(the mask of PyTorch's and torchao's fake quantizers); the paper's grid gives every value a code.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ import torch
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 FULL_PRECISION = 16
+GRIDS = ("paper", "full")
 
 
 def check_bits(bits, what: str = "bits") -> int:
@@ -43,13 +53,18 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def symmetric_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (as float32 or float64, in [-(2^(b-1)-1), 2^(b-1)-1]) and per-row scales with
-    x_q = codes * scale. A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan)."""
+def symmetric_codes(x: torch.Tensor, bits: int, grid: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (as float32 or float64, in [-(2^(b-1)-1), 2^(b-1)-1], on the full grid [-2^(b-1), 2^(b-1)-1])
+    and per-row scales with x_q = codes * scale. A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan)."""
     x = _upcast(x)
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True) / qmax
-    codes = torch.round(x * scale.reciprocal()).clamp_(-qmax, qmax)
+    if grid == "full":
+        low, high = full_range(bits)
+        rounded, scale, _ = _full_grid(x, bits, True)
+        codes = rounded.clamp(low, high)
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        scale = x.abs().amax(dim=-1, keepdim=True) / qmax
+        codes = torch.round(x * scale.reciprocal()).clamp_(-qmax, qmax)
     return torch.where(scale > 0, codes, torch.zeros_like(codes)), scale
 
 
@@ -70,6 +85,36 @@ def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(scale > 0, (q - zero_point) * scale, torch.zeros_like(q)).to(dtype)
 
 
+def full_range(bits: int) -> tuple[int, int]:
+    """The codes of the full grid: compressed-tensors' `calculate_range` for int types."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _full_grid(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """round(x / s + z) before clamping, s and z, per row, in x's dtype, as compressed-tensors computes them
+    (clamping after rounding gives the same codes: the bounds are integers)."""
+    low, high = full_range(bits)
+    row_min, row_max = x.amin(dim=-1, keepdim=True).clamp(max=0), x.amax(dim=-1, keepdim=True).clamp(min=0)
+    levels = torch.tensor(high - low, dtype=x.dtype)  # a 0-dim tensor divides as compressed-tensors' does
+    if symmetric:
+        scale = torch.maximum(-row_min, row_max) / (levels / 2)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (row_max - row_min) / levels
+        zero_point = torch.round((low - row_min / scale).clamp(low, high))
+    return torch.round(x / scale + zero_point), scale, zero_point
+
+
+def _full(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-grid fake quantization of `x` and where it does not clip (a row of range 0 gives 0)."""
+    dtype, x = x.dtype, _upcast(x)
+    low, high = full_range(bits)
+    rounded, scale, zero_point = _full_grid(x, bits, symmetric)
+    inside = (rounded >= low) & (rounded <= high) | (scale == 0)  # a row of range 0 clips nothing (its codes are 0/0)
+    x_q = (rounded.clamp(low, high) - zero_point) * scale
+    return torch.where(scale > 0, x_q, torch.zeros_like(x_q)).to(dtype), inside
+
+
 def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """`x` [..., n] as [..., n / G, G], so that each group of G values is quantized as one row."""
     return x if group_size is None else x.unflatten(-1, (-1, group_size))
@@ -77,25 +122,29 @@ def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bits, symmetric, ste_clip, group_size):
-        if ste_clip is not None:
-            ctx.save_for_backward(x.abs() < ste_clip)  # a bool mask: 1 byte per value, not a copy of x
-        ctx.ste_clip = ste_clip
+    def forward(ctx, x, bits, symmetric, ste_clip, group_size, grid):
         rows = grouped(x, group_size)
-        return (_symmetric(rows, bits) if symmetric else _asymmetric(rows, bits)).reshape(x.shape)
+        if grid == "full":
+            x_q, inside = _full(rows, bits, symmetric)
+            inside = inside.reshape(x.shape)
+        else:
+            x_q, inside = _symmetric(rows, bits) if symmetric else _asymmetric(rows, bits), None
+        if ste_clip is not None:
+            small = x.abs() < ste_clip
+            inside = small if inside is None else inside & small
+        ctx.save_for_backward(inside)  # a bool mask (1 byte per value, not a copy of x), or None: pass everywhere
+        return x_q.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.ste_clip is None:
-            return grad_output, None, None, None, None
         (inside,) = ctx.saved_tensors
-        return grad_output * inside, None, None, None, None
+        return grad_output if inside is None else grad_output * inside, None, None, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0,
-                  group_size: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize `x` per row of its last dimension (per group of `group_size` values of it, if given);
-    identity for 16 bits."""
+                  group_size: int | None = None, grid: str = "paper") -> torch.Tensor:
+    """Quantize-dequantize `x` per row of its last dimension (per group of `group_size` values of it, if given)
+    on the paper's grid or the full one; identity for 16 bits."""
     if bits == FULL_PRECISION:
         return x
-    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip, group_size)
+    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip, group_size, grid)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import saved_settings
-from models.quantize import CONFIG_KEY, KV_PLACEMENTS, QATConfig, quantize_model
+from models.quantize import CONFIG_KEY, KV_PLACEMENTS, RECIPES, QATConfig, quantize_model
 from utils.cli import check_output_file, user_errors
 from utils.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
 from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
@@ -67,6 +67,8 @@ def parse_args(argv=None):
                         "input columns (default: per output channel)")
     parser.add_argument("--kv-placement", choices=KV_PLACEMENTS, help="RTN: where keys are quantized (default: "
                         "pre_rope, the released code's; post_rope: after rotary embedding, as the KV cache holds them)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), help="RTN: the quantizer recipe (default: paper; "
+                        "deploy: the full grid that compressed-tensors / vLLM run, README 'Two recipes')")
     parser.add_argument("--output", help="result JSON file (default: results/<model>-<method>-<bits>.json)")
     args = parser.parse_args(argv)
     if len(args.bits) not in (0, 3):
@@ -85,15 +87,16 @@ def evaluated_method(args, saved: QATConfig | None) -> tuple[str, QATConfig]:
     """What is evaluated, decided from the command line and the checkpoint's config alone (before any load):
     `qat` for a saved student, `rtn` for a float model with W A KV, `fp` otherwise."""
     if saved is not None:
-        if args.bits or args.w_group_size or args.kv_placement:
+        if args.bits or args.w_group_size or args.kv_placement or args.recipe:
             raise ValueError(f"{args.model} is already a QAT checkpoint ({saved.label()}); omit W A KV, "
-                             "--w-group-size and --kv-placement, which are for the RTN baseline of a full-precision model")
+                             "--w-group-size and --kv-placement (and --recipe), which are for the RTN baseline of a "
+                             "full-precision model")
         if args.heldout and not args.teacher:
             raise ValueError("--heldout on a QAT checkpoint needs --teacher MODEL, the full-precision model it was "
                              "trained from ('default' for the embedded SmolLM2-135M)")
         return "qat", saved
-    options = {name: value for name, value in (("w_group_size", args.w_group_size), ("kv_placement", args.kv_placement))
-               if value is not None}
+    options = {name: value for name, value in (("w_group_size", args.w_group_size), ("kv_placement", args.kv_placement),
+                                               ("recipe", args.recipe)) if value is not None}
     bits = QATConfig(*args.bits, **options) if args.bits else QATConfig(**options)
     return ("fp" if bits.label() == QATConfig().label() else "rtn"), bits
 

@@ -113,7 +113,7 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
         if kv is not None:
             assert kv | {"num_bits": 4, "strategy": "token", "dynamic": True} == kv
     assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
-                                 "w_group_size": None, "kv_placement": "pre_rope"}
+                                 "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper"}
     assert "auto_map" not in config
 
 
@@ -258,3 +258,32 @@ def test_group_wise_post_rope_student_exports_packed_and_loads_back_exactly(tmp_
         assert torch.equal(loaded.get_submodule(name).weight, layer.quantized_weight()), name
     assert QATConfig(**loaded.config.llm_qat) == QATConfig(w_bits, 8, 4, w_group_size=32, kv_placement="post_rope")
     assert_same_logits(student, loaded)
+
+
+def plain_transformers_logits(packed: Path) -> torch.Tensor:
+    """The export as plain transformers + compressed-tensors run it: no remote code, its own quantized forward
+    (weights decompressed, dynamic per-token input activations, k/v output activations)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32)
+    with torch.no_grad():
+        return model(batch()).logits
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("options", [dict(), dict(act_symmetric=False, w_group_size=32)])
+def test_deploy_recipe_export_runs_as_trained_in_plain_transformers(tmp_path, w_bits, options):
+    checkpoint = save_student(tmp_path / "qat", w_bits, options=dict(recipe="deploy", **options))
+    with torch.no_grad():
+        expected = load_model(checkpoint)(batch()).logits
+    got = plain_transformers_logits(export_packed(checkpoint, tmp_path / "packed"))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_paper_recipe_export_runs_differently_in_plain_transformers(tmp_path):
+    """Why the deploy recipe exists (issue #16): compressed-tensors runs its own grid, not the paper's."""
+    checkpoint = save_student(tmp_path / "qat", 4)
+    with torch.no_grad():
+        expected = load_model(checkpoint)(batch()).logits
+    got = plain_transformers_logits(export_packed(checkpoint, tmp_path / "packed"))
+    assert (got - expected).abs().max() > 1e-2 * expected.abs().max()

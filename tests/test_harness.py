@@ -222,6 +222,10 @@ def test_evaluate_script_records_rtn_options_in_the_result_and_its_label(tiny_mo
                                    "post_rope", "--tasks", "none", "--output", str(tmp_path / "r.json")])
     assert record["method"] == "rtn" and record["label"] == "4g32-8-4k"
     assert json.loads((tmp_path / "r.json").read_text())["quantization"]["w_group_size"] == 32
+    record = evaluate_script.main([str(model_dir), "4", "8", "4", "--recipe", "deploy", "--tasks", "none",
+                                   "--output", str(tmp_path / "deploy.json")])
+    assert record["label"] == "4-8-4+deploy"
+    assert json.loads((tmp_path / "deploy.json").read_text())["quantization"]["grid"] == "full"
     checkpoint = tmp_path / "qat"
     save_quantized(quantize_model(tiny_model, 4, 8, 4), checkpoint, tokenizer)
     with pytest.raises(SystemExit, match="omit W A KV, --w-group-size and --kv-placement"):

@@ -1,4 +1,5 @@
 """The LLM-QAT student (models/quantize.py): which modules are quantized, how, and that it changes what it should."""
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -43,7 +44,7 @@ def test_every_decoder_projection_becomes_quantlinear_and_nothing_else(tiny_llam
     assert all(parameter is parameters[name] for name, parameter in model.named_parameters())
     assert list(model.state_dict()) == state_dict_keys
     assert model.config.llm_qat == dict(w_bits=4, a_bits=8, kv_bits=4, act_symmetric=True, ste_clip=2.0,
-                                        w_group_size=None, kv_placement="pre_rope")
+                                        w_group_size=None, kv_placement="pre_rope", recipe="paper", grid="paper")
 
 
 def test_quantized_weight_equals_pytorch_per_channel_reference(tiny_llama):
@@ -348,3 +349,48 @@ def test_labels_name_the_options_that_change_the_model():
     assert QATConfig(4, 8, 4, w_group_size=128).label() == "4g128-8-4"
     assert QATConfig(4, 8, 4, kv_placement="post_rope").label() == "4-8-4k"
     assert QATConfig(16, 8, 16, w_group_size=128, kv_placement="post_rope").label() == "16-8-16"
+
+
+def test_recipes_set_the_defaults_of_grid_and_ste_clip_and_each_option_overrides():
+    assert (QATConfig().grid, QATConfig().ste_clip) == ("paper", 2.0)  # the paper's recipe is the default
+    assert (QATConfig(recipe="deploy").grid, QATConfig(recipe="deploy").ste_clip) == ("full", None)
+    assert QATConfig(recipe="deploy", ste_clip=2.0).ste_clip == 2.0
+    assert QATConfig(grid="full") == QATConfig(grid="full", ste_clip=2.0, recipe="paper")
+    saved = QATConfig(4, 8, 4, recipe="deploy")
+    assert QATConfig(**asdict(saved)) == saved  # what config.json records rebuilds the same config
+    for bad in (dict(recipe="vllm"), dict(grid="2^b")):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* is not one of"):
+            QATConfig(**bad)
+
+
+def test_recipe_flags_of_train_py():
+    from transformers import HfArgumentParser
+
+    from train import QuantArguments
+
+    def parsed(*argv):
+        return QATConfig.from_flags(**asdict(HfArgumentParser(QuantArguments).parse_args_into_dataclasses(list(argv))[0]))
+
+    assert parsed() == QATConfig()
+    assert parsed("--recipe", "deploy") == QATConfig(recipe="deploy")
+    assert parsed("--recipe", "deploy", "--ste_clip", "2") == QATConfig(recipe="deploy", ste_clip=2.0)
+    assert parsed("--ste_clip", "0", "--grid", "full") == QATConfig(grid="full", ste_clip=None)
+
+
+def test_labels_name_the_recipe_and_the_options_that_differ_from_it():
+    assert QATConfig(4, 8, 4, recipe="deploy").label() == "4-8-4+deploy"
+    assert QATConfig(4, 8, 4, w_group_size=128, recipe="deploy").label() == "4g128-8-4+deploy"
+    assert QATConfig(4, 8, 4, grid="full").label() == "4-8-4+grid=full"
+    assert QATConfig(4, 8, 4, ste_clip=None).label() == "4-8-4+ste_clip=none"
+    assert QATConfig(4, 8, 4, recipe="deploy", ste_clip=2.0).label() == "4-8-4+deploy+ste_clip=2.0"
+    assert QATConfig(recipe="deploy", ste_clip=2.0).label() == "16-16-16"  # nothing quantized: no recipe to tell
+
+
+def test_deploy_student_quantizes_on_the_full_grid(tiny_llama, tiny_input_ids):
+    with torch.no_grad():
+        paper = quantize_model(tiny_llama, 4, 8, 4)(tiny_input_ids).logits
+        model = quantize_model(tiny_llama, QATConfig(4, 8, 4, recipe="deploy"))
+        deploy = model(tiny_input_ids).logits
+    assert {layer.grid for layer in quantized_modules(model).values()} == {"full"}
+    assert model.config.llm_qat["recipe"] == "deploy" and model.config.llm_qat["grid"] == "full"
+    assert not torch.allclose(paper, deploy, atol=1e-3)

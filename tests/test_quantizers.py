@@ -206,3 +206,80 @@ def test_group_wise_weights_equal_the_per_channel_reference_on_each_group(bits, 
     expected = symmetric_reference(groups, bits).reshape(weight.shape)
     assert torch.equal(fake_quantize(weight, bits, group_size=group_size), expected)
     assert not torch.equal(fake_quantize(weight, bits, group_size=group_size), fake_quantize(weight, bits))
+
+
+# The full grid (grid="full", recipe "deploy", issue #16) against compressed-tensors' own code, the independent
+# reference: its scales and zero points (`calculate_qparams`, `compute_dynamic_scales_and_zp`) and `fake_quantize`.
+def compressed_tensors_reference(x, bits, strategy, symmetric=True, group_size=None):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                            group_size=group_size, dynamic=strategy == "token")
+    if strategy == "token":
+        scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None)
+    else:
+        rows = x if group_size is None else x.unflatten(-1, (-1, group_size))
+        keep = group_size is None  # group scales are [out, in / G]
+        scale, zero_point = calculate_qparams(rows.amin(-1, keepdim=keep), rows.amax(-1, keepdim=keep), args)
+    return ct_fake_quantize(x, scale, zero_point, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", QUANTIZED_BITS)
+def test_full_grid_weights_equal_compressed_tensors_per_channel_and_per_group(dtype, bits):
+    weight = random_weight()[:5].to(dtype)  # without the all-zero row, which compressed-tensors gives scale eps
+    expected = compressed_tensors_reference(weight, bits, "channel")
+    assert torch.equal(fake_quantize(weight, bits, grid="full"), expected)
+    assert not torch.equal(fake_quantize(weight, bits), expected)  # the paper's grid is another one
+    expected = compressed_tensors_reference(weight, bits, "group", group_size=8)
+    assert torch.equal(fake_quantize(weight, bits, group_size=8, grid="full"), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", QUANTIZED_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_full_grid_activations_equal_compressed_tensors_dynamic_per_token(dtype, bits, symmetric):
+    torch.manual_seed(bits)
+    x = (torch.randn(2, 7, 96) * 3 + 0.5).to(dtype)  # [batch, tokens, features], off-centre for the zero point
+    expected = compressed_tensors_reference(x, bits, "token", symmetric)
+    assert torch.equal(fake_quantize(x, bits, symmetric, grid="full"), expected)
+
+
+@pytest.mark.parametrize("bits", QUANTIZED_BITS)
+def test_full_grid_codes_use_all_2_to_the_b_levels(bits):
+    weight = random_weight()
+    codes, scale = symmetric_codes(weight, bits, "full")
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert codes.min() == low and codes.max() == high  # int4: -8..7
+    assert torch.equal(scale.squeeze(-1)[:5], weight[:5].abs().amax(-1) / ((2 ** bits - 1) / 2))
+    assert torch.equal(codes * scale, fake_quantize(weight, bits, grid="full"))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_full_grid_gradient_is_zero_exactly_where_the_grid_clips(symmetric):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 64) * 3  # many |x| >= 2: the paper's clip rule would zero them
+    x[0, 0] = 0  # a token of range 0: nothing clipped
+    x.requires_grad_()
+    upstream = torch.randn(4, 9, 64)
+    (fake_quantize(x, 4, symmetric, ste_clip=None, grid="full") * upstream).sum().backward()
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="token", dynamic=True)
+    scale, zero_point = compute_dynamic_scales_and_zp(x.detach(), args, module=None)
+    codes = torch.round(x.detach() / scale + zero_point)  # before compressed-tensors clamps them to -8..7
+    clipped = (codes < -8) | (codes > 7)
+    assert clipped.sum() < 0.05 * x.numel()
+    assert clipped.any() or not symmetric  # symmetric: a row's max lands on 7.5 steps, beyond the top code 7
+    assert torch.equal(x.grad, torch.where(clipped, torch.zeros_like(upstream), upstream))
+
+
+def test_full_grid_keeps_the_paper_ste_clip_when_asked():
+    x = torch.tensor([[-3.0, -2.0, -1.99, 0.0, 0.5, 1.99, 2.0, 7.0]], requires_grad=True)
+    upstream = torch.arange(1.0, 9.0).unsqueeze(0)
+    (fake_quantize(x, 4, grid="full") * upstream).sum().backward()
+    inside = (x.detach().abs() < 2.0) & (x.detach() != 7.0)  # 7.0 is the row's max: 7.5 steps, clipped to 7
+    assert torch.equal(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))

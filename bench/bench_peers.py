@@ -1,0 +1,107 @@
+"""Peers at equal budget (issue #16): torchao's QAT beside this repo's two recipes, on the same teacher, data,
+KDTrainer and budget (the demo's: embedded SmolLM2-135M, 1 epoch, batch 4, lr 1e-4, 128 tokens).
+
+    make demo                                            # synthesizes the data once (demo_output/data-...)
+    pip install -e '.[bench]'                            # torchao 0.18, an optional extra
+    python bench/bench_peers.py                          # CPU: 3 QAT runs of the demo's length
+    python bench/bench_peers.py --max-steps 2            # a quick check of the wiring
+
+Every method quantizes the same thing, torchao's W4A8 setting: int4 per-channel symmetric weights, int8
+per-token asymmetric input activations, no KV quantizer (torchao's QAT has none), lm_head and embeddings in full
+precision. For each: held-out perplexity, KL to the teacher and top-1 agreement of RTN (the quantizer without
+training) and of QAT, the step time, and the share of the RTN -> FP perplexity gap that QAT closes.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.quantize import QATConfig, quantize_model
+from utils.data import PadCollator, TokenSequenceDataset
+from utils.kd_trainer import KDTrainer
+from utils.loading import load_model, load_tokenizer
+from utils.metrics import teacher_fidelity, token_sequences
+
+DEMO_DATA = Path("demo_output/data-n96-h8-len128-seed0")  # scripts/demo.sh's defaults
+SEQ_LEN, BATCH_SIZE, LEARNING_RATE = 128, 4, 1e-4
+OURS = {"paper": QATConfig(4, 8, 16, act_symmetric=False),
+        "deploy": QATConfig(4, 8, 16, act_symmetric=False, recipe="deploy")}
+
+
+def torchao_student(model: nn.Module) -> nn.Module:
+    """torchao 0.18's QAT "prepare" step with the setting above, on every linear layer but lm_head."""
+    try:
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat import QATConfig as TorchaoQATConfig
+    except ImportError:
+        raise SystemExit("bench_peers.py: torchao is not installed; pip install -e '.[bench]' (torchao 0.18) or "
+                         "pass --methods paper deploy") from None
+    config = TorchaoQATConfig(activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+                              weight_config=IntxFakeQuantizeConfig(torch.int4, "per_channel", is_symmetric=True),
+                              step="prepare")
+    output_layer = model.get_output_embeddings()
+    quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear) and module is not output_layer)
+    return model
+
+
+def student(method: str) -> nn.Module:
+    model = load_model(None, dtype=torch.float32)
+    return torchao_student(model) if method == "torchao" else quantize_model(model, OURS[method])
+
+
+def train(model: nn.Module, teacher: nn.Module, data: Path, tokenizer, max_steps: int) -> float:
+    """QAT with the repo's KDTrainer at the demo's settings; seconds per optimizer step."""
+    from transformers import TrainingArguments
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=BATCH_SIZE,
+                                 learning_rate=LEARNING_RATE, num_train_epochs=1, max_steps=max_steps,
+                                 lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=0,
+                                 logging_steps=10)
+        trainer = KDTrainer(model=model, teacher=teacher, args=args, data_collator=PadCollator(tokenizer.pad_token_id),
+                            train_dataset=TokenSequenceDataset(data / "all.jsonl", SEQ_LEN, tokenizer))
+        result = trainer.train()
+    return result.metrics["train_runtime"] / max(trainer.state.global_step, 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEMO_DATA, help="a folder with all.jsonl and heldout.jsonl")
+    parser.add_argument("--methods", nargs="+", default=["torchao", "paper", "deploy"],
+                        choices=["torchao", *OURS])
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop training early (default: the 1 epoch)")
+    args = parser.parse_args()
+    if not (args.data / "all.jsonl").is_file() or not (args.data / "heldout.jsonl").is_file():
+        raise SystemExit(f"bench_peers.py: {args.data} has no all.jsonl and heldout.jsonl; run `make demo` first "
+                         "(or pass --data)")
+
+    tokenizer = load_tokenizer(None)
+    teacher = load_model(None, dtype=torch.float32)
+    heldout = token_sequences(tokenizer, args.data / "heldout.jsonl", max_length=SEQ_LEN)
+
+    def metrics(model):
+        return teacher_fidelity(model.eval(), teacher, heldout, pad_token_id=tokenizer.pad_token_id)
+
+    fp = metrics(teacher)["heldout_perplexity"]
+    print(f"FP teacher: held-out perplexity {fp:.3f}\n")
+    print("| method | RTN ppl | QAT ppl | RTN KL | QAT KL | RTN top-1 | QAT top-1 | s / step | gap closed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for method in args.methods:
+        model = student(method)
+        rtn = metrics(model)  # the same student before training
+        seconds = train(model, teacher, args.data, tokenizer, args.max_steps)
+        qat = metrics(model)
+        gap = (rtn["heldout_perplexity"] - qat["heldout_perplexity"]) / (rtn["heldout_perplexity"] - fp)
+        name = method if method == "torchao" else f"{method} ({OURS[method].label()})"
+        print(f"| {name} | {rtn['heldout_perplexity']:.3f} | {qat['heldout_perplexity']:.3f} | "
+              f"{rtn['kl_to_teacher']:.4f} | {qat['kl_to_teacher']:.4f} | {rtn['top1_agreement']:.3f} | "
+              f"{qat['top1_agreement']:.3f} | {seconds:.2f} | {gap:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
