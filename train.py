@@ -18,9 +18,8 @@ from typing import get_type_hints
 
 import torch
 import transformers
-from accelerate import init_empty_weights
-from accelerate.utils import DistributedType, set_module_tensor_to_device
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, TrainingArguments
+from accelerate.utils import DistributedType
+from transformers import AutoConfig, HfArgumentParser, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -29,7 +28,7 @@ from models.quantize import QATConfig, quantize_model, quantized_modules
 from utils.cli import ensure_writable_dir, user_errors
 from utils.data import PadCollator, TokenSequenceDataset
 from utils.kd_trainer import REDUCTIONS, KDTrainer
-from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
+from utils.loading import load_model, load_tokenizer, load_weightless_model, model_display_name, resolve_model_path
 from utils.records import TeacherIdentity
 
 logger = logging.getLogger("train")
@@ -144,15 +143,7 @@ def reads_weights(training_args: TrainingArguments) -> bool:
 def load_float_model(model_path: str, dtype: torch.dtype, training_args: TrainingArguments):
     if reads_weights(training_args):
         return load_model(model_path, dtype=dtype, quantized=False)
-    # Buffers real (Accelerate keeps each process's own non-persistent ones, rotary inv_freq, which the broadcast
-    # does not carry); parameters in uninitialised CPU memory, which stays unresident until Accelerate drops it for
-    # the shards. Not the meta device: Accelerate maps the optimizer's parameters to the shards by address.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
-    for name, parameter in model.named_parameters():
-        set_module_tensor_to_device(model, name, "cpu", torch.empty_like(parameter, device="cpu"))
-    model.tie_weights()  # init_empty_weights re-creates each parameter it registers: the tie made inside is lost
-    return model.eval()
+    return load_weightless_model(model_path, dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

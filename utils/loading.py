@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.checkpoint import load_student
 from models.export import is_packed_export, load_packed
@@ -130,6 +132,21 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     if quantized and getattr(model.config, "llm_qat", None):
         logger.info("Loaded %s as a quantized student: %s", path, model.config.llm_qat)
     return model.to(device).eval()
+
+
+def load_weightless_model(name_or_path: str | None, dtype: torch.dtype = torch.float32):
+    """The model without reading its weights, for a process whose shards another process will broadcast (FSDP2's
+    `cpu_ram_efficient_loading`). Buffers are real (each process keeps its own non-persistent ones, rotary
+    inv_freq, which the broadcast does not carry); parameters are uninitialised CPU memory, which stays unresident
+    until Accelerate drops it for the shards. Not the meta device: Accelerate maps the optimizer's parameters to
+    the shards by address, and every meta tensor has address 0."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name_or_path)),
+                                                 dtype=dtype)
+    for name, parameter in model.named_parameters():
+        set_module_tensor_to_device(model, name, "cpu", torch.empty_like(parameter, device="cpu"))
+    model.tie_weights()  # init_empty_weights re-creates each parameter it registers: the tie made inside is lost
+    return model.eval()
 
 
 def load_model_and_tokenizer(name_or_path: str | None = None, **kwargs):
