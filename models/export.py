@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_student, saved_config, saved_settings
-from .quantize import CONFIG_KEY, KV_PROJECTIONS, QuantLinear, quantize_model, quantized_modules
+from .quantize import CONFIG_KEY, KV_PROJECTIONS, QATConfig, QuantLinear, quantize_model, quantized_modules
 from .quantizers import FULL_PRECISION, grouped, symmetric_codes
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def dequantized_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     return codes.float() * scales.repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1)
 
 
-def checkpoint_settings(path: Path) -> dict:
+def checkpoint_settings(path: Path) -> QATConfig:
     """The `llm_qat` settings of a QAT checkpoint directory, or one clear error if it has none."""
     settings = saved_settings(path)
     if settings is None:
