@@ -22,7 +22,7 @@ from .quantize import CONFIG_KEY, QATConfig, quantize_model
 
 # The files `trust_remote_code` imports: they may import only torch, transformers, the standard library and
 # each other (see models/quantize.py).
-REMOTE_CODE_SOURCES = ("quantizers.py", "quantize.py")
+REMOTE_CODE_SOURCES = ("quantizers.py", "rotations.py", "quantize.py")
 REMOTE_MODELING_FILE = "modeling_llm_qat.py"
 
 _REMOTE_MODELING = '''"""Loads this checkpoint as the LLM-QAT quantized student: written by models/checkpoint.py."""
@@ -99,9 +99,13 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> nn.Module:
     """A saved model; a student (its config holds `llm_qat`) comes back quantized unless `quantized=False`
-    (its float latent weights, e.g. as a teacher)."""
+    (its float latent weights, e.g. as a teacher; with the online rotations of a rotated student, without which
+    its float weights would not compute its function)."""
     model = from_pretrained(path, dtype)
     settings = getattr(model.config, CONFIG_KEY, None)
-    if quantized and settings:
-        quantize_model(model, QATConfig(**settings))
+    if settings:
+        saved = QATConfig(**settings)
+        float_settings = QATConfig(rotate=saved.rotate, rotate_seed=saved.rotate_seed)
+        if quantized or saved.rotate != "none":
+            quantize_model(model, saved if quantized else float_settings)
     return model

@@ -16,7 +16,9 @@ per output channel (paper eq. 1, symmetric MinMax; on the full grid of the "depl
   - `folded`: a plain Hugging Face checkpoint whose float weights already hold the dequantized values;
     `llm_qat` stays in its config, so `load_student` rebuilds the same student from it
     (re-quantizing a weight that is already on its grid gives it back unchanged).
-Embeddings, norms and lm_head stay float, in the dtype the checkpoint was saved in.
+Embeddings, norms and lm_head stay float, in the dtype the checkpoint was saved in. A rotated student
+(`rotate`, models/rotations.py) exports its weights with R1, R2 and R4's inverse folded in, as it trained them;
+its online rotations are recorded under `llm_qat` only, so only `load_packed` / `load_student` run it as trained.
 
 This module owns the packed format: it writes it (`export_packed`), recognises it (`is_packed_export`) and
 reads it back (`load_packed`). An export is written beside its target and renamed into place, so an
@@ -111,6 +113,10 @@ def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bo
         raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings.w_bits} "
                          "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")
     check_export_target(checkpoint, out_dir, force)
+    if settings.rotate != "none":  # R1, R2 and R4's inverse are in the weights; R4 and R3 run at inference
+        logger.warning("%s is rotated (%s): the export records its online rotations (down_proj's input, post-RoPE "
+                       "keys) under %s, which load_model applies; engines that do not (plain transformers, vLLM) "
+                       "would not compute the student", checkpoint, settings.label(), CONFIG_KEY)
     # float32: the student's quantizers ran in float32 during QAT, and its scales are float32 values.
     return load_student(checkpoint, dtype=torch.float32), checkpoint
 

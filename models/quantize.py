@@ -16,6 +16,11 @@ its cache (`KeyQuantizingCache`) whose `update` quantizes the rotated keys befor
 the cache holds exactly the quantized keys and values, on the prefill and on every decode step.
 Embeddings, norms and `lm_head` stay in full precision. 16 bits means "not quantized".
 
+With `rotate="hadamard"` or `"random"` (issue #14, `models.rotations`) the float model is first rotated in a way
+that leaves its function unchanged (R1, R2 and R4's inverse folded into the weights), down_proj rotates its input
+online (R4) before quantizing it, and post-RoPE keys are quantized in a rotated basis (R3): x -> Q(x R3) R3^T,
+which gives attention exactly what rotating both queries and cached keys by R3 gives.
+
 Two recipes (issue #16), each only a set of defaults for the options `grid` and `ste_clip`:
   - "paper" (the default): the paper's grid of 2^b - 1 levels and the released STE (`ste_clip=2`);
   - "deploy": compressed-tensors' full 2^b-level grid, the one vLLM and transformers run, and an STE that is
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizers import FULL_PRECISION, GRIDS, check_bits, fake_quantize
+from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 KV_PLACEMENTS = ("pre_rope", "post_rope")
@@ -80,6 +86,10 @@ class QATConfig:
     grid: str = field(default=RECIPE_DEFAULT, metadata={
         "help": "paper: 2^b - 1 levels, scale max|x| / (2^(b-1) - 1); full: compressed-tensors' 2^b levels, scale "
                 "max|x| / (2^(b-1) - 0.5), gradient zero where it clips", "choices": GRIDS})
+    rotate: str = field(default="none", metadata={
+        "help": "rotate the float model before quantizing (folded into the weights, plus online rotations of "
+                "down_proj's input and of post-RoPE keys): none (the paper), hadamard, random", "choices": ROTATIONS})
+    rotate_seed: int = field(default=0, metadata={"help": "seed of the random signs / matrices of --rotate"})
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -96,6 +106,11 @@ class QATConfig:
                              "per output channel")
         if self.kv_placement not in KV_PLACEMENTS:
             raise ValueError(f"kv_placement={self.kv_placement!r} is not one of {', '.join(KV_PLACEMENTS)}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATIONS)}")
+        if self.rotate != "none" and self.kv_bits != FULL_PRECISION and self.kv_placement == "pre_rope":
+            raise ValueError(f"rotate={self.rotate} rotates keys after rotary embedding, where they are quantized "
+                             "with kv_placement=post_rope: pass --kv_placement post_rope")
         if self.ste_clip is not None and not self.ste_clip > 0:
             raise ValueError(f"ste_clip={self.ste_clip!r} must be a positive number, or None to never clip "
                              f"(--ste_clip {NEVER_CLIP_FLAG} on a command line)")
@@ -111,7 +126,7 @@ class QATConfig:
         """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
         weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`); then the recipe unless it is
         the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`); none of
-        these when nothing is quantized (`16-16-16`)."""
+        these when nothing is quantized (`16-16-16`); last the rotation (`4-4-4k+hadamard`, `+hadamard.seed1`)."""
         weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \
             else f"{self.w_bits}"
         keys = "k" if self.kv_placement == "post_rope" and self.kv_bits != FULL_PRECISION else ""
@@ -120,24 +135,31 @@ class QATConfig:
                    if getattr(self, name) != value]
         if {self.w_bits, self.a_bits, self.kv_bits} == {FULL_PRECISION}:  # nothing quantized: no recipe to tell
             recipe = []
+        if self.rotate != "none":
+            recipe.append(self.rotate + (f".seed{self.rotate_seed}" if self.rotate_seed else ""))
         return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}" + "".join(f"+{part}" for part in recipe)
 
 
 class QuantLinear(nn.Linear):
-    """`nn.Linear` with fake-quantized input, weight and (for k/v projections) output."""
+    """`nn.Linear` with fake-quantized input, weight and (for k/v projections) output; an `input_rotation`
+    (down_proj's R4) turns the input before it is quantized."""
 
-    def __init__(self, linear: nn.Linear, config: QATConfig, out_bits: int = FULL_PRECISION):
+    def __init__(self, linear: nn.Linear, config: QATConfig, out_bits: int = FULL_PRECISION,
+                 input_rotation: nn.Module | None = None):
         nn.Module.__init__(self)  # reuse `linear`'s parameters as they are: no copy, no re-initialisation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits, self.out_bits = config.w_bits, config.a_bits, out_bits
         self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
         self.grid = config.grid
+        self.input_rotation = input_rotation
 
     def quantized_weight(self):
         return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size, self.grid)
 
     def forward(self, x):
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         x = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip, None, self.grid)
         y = F.linear(x, self.quantized_weight(), self.bias)
         return fake_quantize(y, self.out_bits, True, self.ste_clip, None, self.grid)
@@ -160,13 +182,21 @@ class KeyQuantizingCache:
     """What one attention module sees as its KV cache under `kv_placement="post_rope"`: `update` quantizes the
     keys (after rotary embedding) per token, then stores them in the real cache (none when the forward runs
     without a cache, e.g. in training) and returns what attention uses. Values arrive quantized from v_proj.
-    Everything else is the real cache's."""
+    With a rotation each head's keys are quantized in the R3 basis and turned back: Q(k R3) R3^T. Everything else
+    is the real cache's."""
 
-    def __init__(self, cache, bits: int, ste_clip: float | None, grid: str = "paper"):
+    def __init__(self, cache, bits: int, ste_clip: float | None, grid: str = "paper", rotation: str = "none",
+                 rotate_seed: int = 0):
         self.cache, self.bits, self.ste_clip, self.grid = cache, bits, ste_clip, grid
+        self.rotation, self.rotate_seed = rotation, rotate_seed
 
     def update(self, key_states, value_states, *args, **kwargs):
-        key_states = quantize_per_token(key_states, self.bits, self.ste_clip, self.grid)
+        if self.rotation == "none":
+            key_states = quantize_per_token(key_states, self.bits, self.ste_clip, self.grid)
+        else:
+            rotated = rotate(key_states, self.rotation, self.rotate_seed, KEY)
+            key_states = rotate(quantize_per_token(rotated, self.bits, self.ste_clip, self.grid), self.rotation,
+                                self.rotate_seed, KEY, inverse=True)
         if self.cache is None:
             return key_states, value_states
         return self.cache.update(key_states, value_states, *args, **kwargs)
@@ -175,8 +205,8 @@ class KeyQuantizingCache:
         return getattr(self.cache, name)
 
 
-def _hand_key_quantizing_cache(module, args, kwargs, bits, ste_clip, grid):
-    kwargs["past_key_values"] = KeyQuantizingCache(kwargs.get("past_key_values"), bits, ste_clip, grid)
+def _hand_key_quantizing_cache(module, args, kwargs, **settings):
+    kwargs["past_key_values"] = KeyQuantizingCache(kwargs.get("past_key_values"), **settings)
     return args, kwargs
 
 
@@ -203,11 +233,19 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
                          "not have; use kv_bits=16 for this architecture")
     if config.w_bits != FULL_PRECISION:
         check_group_size(config.w_group_size, targets)
+    rotated = QATConfig(**getattr(model.config, CONFIG_KEY, None) or {})  # what the weights hold already
+    if (rotated.rotate, rotated.rotate_seed) != (config.rotate, config.rotate_seed):
+        if rotated.rotate != "none":
+            raise ValueError(f"the weights of this student are rotated (rotate={rotated.rotate}, rotate_seed="
+                             f"{rotated.rotate_seed}); keep those settings, or start from the float model")
+        rotate_model(model, config.rotate, config.rotate_seed)
     pre_rope = config.kv_placement == "pre_rope"
     for name, linear in targets.items():  # a QuantLinear (re-quantizing a student) is rebuilt with the new bits
         parent_name, _, child = name.rpartition(".")
         out_bits = config.kv_bits if child == "v_proj" or (child == "k_proj" and pre_rope) else FULL_PRECISION
-        setattr(model.get_submodule(parent_name), child, QuantLinear(linear, config, out_bits))
+        input_rotation = OnlineRotation(config.rotate, linear.in_features, config.rotate_seed, DOWN_PROJ_INPUT) \
+            if child == "down_proj" and config.rotate != "none" else None
+        setattr(model.get_submodule(parent_name), child, QuantLinear(linear, config, out_bits, input_rotation))
     for module in model.modules():  # the attention modules: those holding k_proj
         if isinstance(getattr(module, "k_proj", None), QuantLinear):
             if hasattr(module, "_llm_qat_key_hook"):  # re-quantizing: the old placement goes
@@ -216,7 +254,8 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
             if not pre_rope and config.kv_bits != FULL_PRECISION:
                 module._llm_qat_key_hook = module.register_forward_pre_hook(
                     partial(_hand_key_quantizing_cache, bits=config.kv_bits, ste_clip=config.ste_clip,
-                            grid=config.grid), with_kwargs=True)
+                            grid=config.grid, rotation=config.rotate, rotate_seed=config.rotate_seed),
+                    with_kwargs=True)
     model.config.llm_qat = asdict(config)
     return model
 

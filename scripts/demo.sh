@@ -10,6 +10,7 @@ W_BITS=${W_BITS:-4} A_BITS=${A_BITS:-8} KV_BITS=${KV_BITS:-4}
 W_GROUP_SIZE=${W_GROUP_SIZE:-}                  # e.g. 64: group-wise weights (default: per output channel)
 KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}          # post_rope: keys quantized after rotary embedding
 RECIPE=${RECIPE:-paper}                         # deploy: the grid compressed-tensors / vLLM run (README)
+ROTATE=${ROTATE:-none}                          # hadamard / random: rotations before quantizing (README)
 NUM_START_TOKENS=${NUM_START_TOKENS:-96}        # 3 sequences each (greedy prefixes of 3, 4, 5 tokens)
 HELDOUT_START_TOKENS=${HELDOUT_START_TOKENS:-8} # their sequences are kept out of training, for evaluation
 SEQ_LEN=${SEQ_LEN:-128}                         # tokens per generated sequence and per training example
@@ -20,8 +21,8 @@ SEED=${SEED:-0}
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
-BITS="W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")"
-rtn_options=(--kv-placement "$KV_PLACEMENT" --recipe "$RECIPE")
+BITS="W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")"
+rtn_options=(--kv-placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && rtn_options+=(--w-group-size "$W_GROUP_SIZE")
 DATA_DIR="$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}"
 QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}"
@@ -66,7 +67,7 @@ train() {
   fi
   DATA="$DATA_DIR/all.jsonl" OUTPUT_DIR="$QAT_DIR" CPU_MAX_LENGTH="$SEQ_LEN" CPU_BATCH_SIZE="$BATCH_SIZE" \
     CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" W_GROUP_SIZE="$W_GROUP_SIZE" \
-    KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" \
+    KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" ROTATE="$ROTATE" \
     bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED"
 }
 

@@ -21,6 +21,7 @@ import torch
 
 from models.checkpoint import saved_settings
 from models.quantize import CONFIG_KEY, KV_PLACEMENTS, RECIPES, QATConfig, quantize_model
+from models.rotations import ROTATIONS
 from utils.cli import check_output_file, user_errors
 from utils.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
 from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
@@ -69,6 +70,9 @@ def parse_args(argv=None):
                         "pre_rope, the released code's; post_rope: after rotary embedding, as the KV cache holds them)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), help="RTN: the quantizer recipe (default: paper; "
                         "deploy: the full grid that compressed-tensors / vLLM run, README 'Two recipes')")
+    parser.add_argument("--rotate", choices=ROTATIONS, help="RTN: rotate the float model before quantizing (default: "
+                        "none, the paper's; hadamard / random: README 'Rotations')")
+    parser.add_argument("--rotate-seed", type=int, help="RTN: seed of --rotate (default 0)")
     parser.add_argument("--output", help="result JSON file (default: results/<model>-<method>-<bits>.json)")
     args = parser.parse_args(argv)
     if len(args.bits) not in (0, 3):
@@ -83,20 +87,24 @@ def parse_args(argv=None):
     return args
 
 
+def rtn_options(args) -> dict:
+    return {"w_group_size": args.w_group_size, "kv_placement": args.kv_placement, "recipe": args.recipe,
+            "rotate": args.rotate, "rotate_seed": args.rotate_seed}
+
+
 def evaluated_method(args, saved: QATConfig | None) -> tuple[str, QATConfig]:
     """What is evaluated, decided from the command line and the checkpoint's config alone (before any load):
     `qat` for a saved student, `rtn` for a float model with W A KV, `fp` otherwise."""
     if saved is not None:
-        if args.bits or args.w_group_size or args.kv_placement or args.recipe:
+        if args.bits or any(value is not None for value in rtn_options(args).values()):
             raise ValueError(f"{args.model} is already a QAT checkpoint ({saved.label()}); omit W A KV, "
-                             "--w-group-size and --kv-placement (and --recipe), which are for the RTN baseline of a "
-                             "full-precision model")
+                             "--w-group-size, --kv-placement, --recipe and --rotate(-seed), which are for the RTN "
+                             "baseline of a full-precision model")
         if args.heldout and not args.teacher:
             raise ValueError("--heldout on a QAT checkpoint needs --teacher MODEL, the full-precision model it was "
                              "trained from ('default' for the embedded SmolLM2-135M)")
         return "qat", saved
-    options = {name: value for name, value in (("w_group_size", args.w_group_size), ("kv_placement", args.kv_placement),
-                                               ("recipe", args.recipe)) if value is not None}
+    options = {name: value for name, value in rtn_options(args).items() if value is not None}
     bits = QATConfig(*args.bits, **options) if args.bits else QATConfig(**options)
     return ("fp" if bits.label() == QATConfig().label() else "rtn"), bits
 

@@ -5,7 +5,8 @@
 #   MODEL=/models/llama-7b DATA=gen_data/all.jsonl OUTPUT_DIR=output/llama7b-448 bash scripts/run_train.sh 4 8 4
 # Quantizer options beyond the paper's: RECIPE=deploy (the grid compressed-tensors / vLLM run, README "Two
 # recipes"), W_GROUP_SIZE=128 (group-wise weights), KV_PLACEMENT=post_rope (keys quantized after rotary
-# embedding); or any train.py flag after the bits.
+# embedding), ROTATE=hadamard (orthogonal rotations before quantizing, for 4-bit activations; with KV below 16 bits
+# it needs KV_PLACEMENT=post_rope); or any train.py flag after the bits.
 # On GPUs it prints the memory plan (scripts/plan_memory.py), then launches torchrun over every visible device with
 # the released LLaMA-7B recipe (bf16, gradient checkpointing, FSDP full_shard on LlamaDecoderLayer, with CPU offload
 # when the plan does not fit, sequence length 2048). On CPU it runs a small, quick
@@ -22,12 +23,13 @@ shift 3
 W_GROUP_SIZE=${W_GROUP_SIZE:-}                     # empty = one weight scale per output channel (the paper's)
 KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}             # pre_rope (the paper's) or post_rope
 RECIPE=${RECIPE:-paper}                            # paper or deploy
-options=(--kv_placement "$KV_PLACEMENT" --recipe "$RECIPE")
+ROTATE=${ROTATE:-none}                             # none (the paper's), hadamard or random
+options=(--kv_placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && options+=(--w_group_size "$W_GROUP_SIZE")
 
 MODEL=${MODEL:-}                                   # teacher; empty = the embedded SmolLM2-135M-Instruct
 DATA=${DATA:-gen_data/all.jsonl}                   # merged synthetic data (created below if missing)
-OUTPUT_DIR=${OUTPUT_DIR:-output/W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")}
+OUTPUT_DIR=${OUTPUT_DIR:-output/W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 # CPU-sized settings (a few minutes on 2 cores); the GPU path uses the paper's settings instead.
 CPU_MAX_LENGTH=${CPU_MAX_LENGTH:-128}
@@ -37,16 +39,16 @@ CPU_EPOCHS=${CPU_EPOCHS:-1}
 SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}            # checkpoints kept (~80 GB each for 7B with optimizer state)
 
 # The quantizer settings are checked before anything long starts (data generation, model loading).
-"$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" "$W_GROUP_SIZE" "$KV_PLACEMENT" "$RECIPE" <<'CHECK'
+"$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" "$W_GROUP_SIZE" "$KV_PLACEMENT" "$RECIPE" "$ROTATE" <<'CHECK'
 import sys
 from models.quantize import QATConfig
 from utils.cli import user_errors
 def number(text):
     return int(text) if text.lstrip("-").isdigit() else text
 with user_errors("run_train.sh"):
-    *bits, group_size, placement, recipe = sys.argv[1:]
+    *bits, group_size, placement, recipe, rotate = sys.argv[1:]
     QATConfig(*map(number, bits), w_group_size=number(group_size) if group_size else None, kv_placement=placement,
-              recipe=recipe)
+              recipe=recipe, rotate=rotate)
 CHECK
 NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 model_arg=()

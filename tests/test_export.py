@@ -113,7 +113,8 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
         if kv is not None:
             assert kv | {"num_bits": 4, "strategy": "token", "dynamic": True} == kv
     assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
-                                 "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper"}
+                                 "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper",
+                                 "rotate": "none", "rotate_seed": 0}
     assert "auto_map" not in config
 
 
@@ -287,3 +288,14 @@ def test_paper_recipe_export_runs_differently_in_plain_transformers(tmp_path):
         expected = load_model(checkpoint)(batch()).logits
     got = plain_transformers_logits(export_packed(checkpoint, tmp_path / "packed"))
     assert (got - expected).abs().max() > 1e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("export_format", ["packed", "folded"])
+def test_rotated_student_exports_and_loads_back_with_its_online_rotations(tmp_path, export_format):
+    options = dict(kv_placement="post_rope", rotate="hadamard", rotate_seed=1)
+    checkpoint = save_student(tmp_path / "qat", 4, 4, 4, options=options)
+    exported = export(checkpoint, tmp_path / export_format, export_format)
+    student, loaded = load_model(checkpoint), load_model(exported)
+    assert QATConfig(**json.loads((exported / "config.json").read_text())["llm_qat"]) == QATConfig(4, 4, 4, **options)
+    assert loaded.model.layers[1].mlp.down_proj.input_rotation is not None
+    assert_same_logits(student, loaded)

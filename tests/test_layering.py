@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.checkpoint import REMOTE_CODE_SOURCES, save_quantized
-from models.quantize import quantize_model
+from models.quantize import QATConfig, quantize_model
 
 REPO = Path(__file__).resolve().parents[1]
 ABOVE_MODELS = {"utils", "scripts", "bench", "tests", "train", "generate_data", "merge_gen_data"}
@@ -52,6 +53,7 @@ class NoRepo(importlib.abc.MetaPathFinder):
         if name.partition(".")[0] in {repo_packages}:
             raise ImportError(f"the checkpoint imported the repository's {{name}}")
 sys.meta_path.insert(0, NoRepo())
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({checkpoint!r}, trust_remote_code=True).eval()
@@ -63,9 +65,11 @@ print(json.dumps({{"class": type(k_proj).__name__, "bits": [k_proj.w_bits, k_pro
 """
 
 
-def test_saved_checkpoint_loads_quantized_in_a_fresh_interpreter_outside_the_repo(tiny_llama, tiny_input_ids,
-                                                                                  tmp_path):
-    student = quantize_model(tiny_llama, 4, 8, 4)
+@pytest.mark.parametrize("config,bits", [(QATConfig(4, 8, 4), [4, 8, 4]),
+                                         (QATConfig(4, 4, 4, kv_placement="post_rope", rotate="hadamard"), [4, 4, 16])])
+def test_saved_checkpoint_loads_quantized_in_a_fresh_interpreter_outside_the_repo(config, bits, tiny_llama,
+                                                                                  tiny_input_ids, tmp_path):
+    student = quantize_model(tiny_llama, config)
     save_quantized(student, tmp_path / "ckpt")
     script = LOAD_OUTSIDE.format(repo_packages=sorted(REPO_PACKAGES), checkpoint=str(tmp_path / "ckpt"),
                                  ids=tiny_input_ids.tolist())
@@ -74,7 +78,7 @@ def test_saved_checkpoint_loads_quantized_in_a_fresh_interpreter_outside_the_rep
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert loaded["class"] == "QuantLinear" and loaded["bits"] == [4, 8, 4]
+    assert loaded["class"] == "QuantLinear" and loaded["bits"] == bits
     with torch.no_grad():
         expected = student(tiny_input_ids).logits.flatten()
     assert torch.equal(torch.tensor(loaded["logits"]), expected)

@@ -150,3 +150,20 @@ def test_quantizer_options_are_flags_and_recorded_in_the_checkpoint(tiny_teacher
     student = load_model(output)
     assert student.model.layers[0].mlp.up_proj.w_group_size == 16
     assert student.model.layers[0].self_attn.k_proj.out_bits == 16  # keys: quantized after rotary embedding
+
+
+def test_rotated_student_trains_from_the_unrotated_teacher_and_reloads(tiny_teacher_dir, tmp_path):
+    output = tmp_path / "out"
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "2", "--a_bits", "4", "--kv_placement",
+                          "post_rope", "--rotate", "hadamard", "--save_steps", "1"))
+    assert json.loads((output / "config.json").read_text())["llm_qat"]["rotate"] == "hadamard"
+    student = load_model(output)
+    remote = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
+    assert student.model.layers[0].mlp.down_proj.input_rotation is not None
+    ids = torch.randint(0, 1000, (1, 10))
+    assert torch.equal(student(ids).logits, remote(ids).logits)
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "3", "--a_bits", "4", "--kv_placement",
+                          "post_rope", "--rotate", "hadamard", "--save_steps", "1"))  # resumes the rotated run
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    with pytest.raises(ValueError, match="pass --kv_placement post_rope"):
+        train.main(train_args(tiny_teacher_dir, tmp_path / "other", "--rotate", "hadamard"))

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.checkpoint import load_student
 from models.export import is_packed_export, load_packed
+from models.rotations import WEIGHTS_UNREAD
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def load_weightless_model(name_or_path: str | None, dtype: torch.dtype = torch.f
     for name, parameter in model.named_parameters():
         set_module_tensor_to_device(model, name, "cpu", torch.empty_like(parameter, device="cpu"))
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers: the tie made inside is lost
+    setattr(model, WEIGHTS_UNREAD, True)  # a rotation (--rotate) changes its structure only: the weights come later
     return model.eval()
 
 

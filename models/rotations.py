@@ -1,0 +1,226 @@
+"""Orthogonal rotations before quantization (issue #14; QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024).
+
+An orthogonal Q leaves a full-precision network's function unchanged where both sides of a product are rotated
+((xQ)(WQ)^T = xW^T) but spreads a few outlier channels over all of them, so per-token 4-bit scales stop being
+set by the outliers. `rotate_model(model, kind, seed)` folds, in float64, into a LLaMA-family model:
+  - R1 on the residual stream: each RMSNorm's scale goes into the linear layers that read it (RMSNorm without a
+    scale commutes with Q), then the embedding, every reader (q/k/v, gate/up, lm_head: W Q) and every writer
+    (o_proj, down_proj: Q^T W) of the residual; a tied lm_head is untied first;
+  - R2 per attention head on the values: v_proj's rows and o_proj's columns of each head;
+  - R4's inverse into down_proj's weight, whose input `OnlineRotation` rotates at run time.
+R3, a per-head rotation of keys (and queries) after rotary embedding, cannot be folded: `models.quantize` applies
+it where keys are quantized after RoPE. The rotations are pure functions of (kind, size, seed): nothing is stored
+in the state dict, and a reloaded checkpoint rebuilds the same ones from its config.
+
+`hadamard` is a randomised Walsh-Hadamard matrix D H / sqrt(n) (random signs D) with H = H_m (x) H_(2^k) for
+n = m 2^k, H_m from Paley's constructions, applied as two small matrix products; where no such m is known it
+falls back to `random` (the QR factor of a seeded Gaussian matrix) and warns.
+
+Written here rather than taken from llm-compressor's SpinQuant: that library is an optional extra tied to older
+transformers, its online rotations are hooks that cannot sit between this repository's input quantizer and the
+layer, and this file is loaded as checkpoint remote code, which may import only torch, transformers, the
+standard library and the other remote-code files (see models/quantize.py).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+ROTATIONS = ("none", "hadamard", "random")
+ROTATED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # plain RMSNorm, pre-norm blocks, no embedding scale
+RESIDUAL, VALUE, KEY, DOWN_PROJ_INPUT = range(4)  # one random stream per rotation: R1, R2, R3, R4
+STREAMS_PER_SEED = 16
+# Set on a model whose parameters are placeholders that another process's weights will replace (FSDP2's
+# cpu_ram_efficient_loading): folding would only make that memory resident, so only the structure changes.
+WEIGHTS_UNREAD = "llm_qat_weights_unread"
+
+
+def _is_prime(p: int) -> bool:
+    return p > 1 and all(p % d for d in range(2, math.isqrt(p) + 1))
+
+
+def _legendre_matrix(p: int) -> torch.Tensor:
+    """Jacobsthal matrix Q[i, j] = chi(j - i) over GF(p), chi the quadratic character."""
+    squares = {(x * x) % p for x in range(1, p)}
+    chi = torch.tensor([0] + [1 if r in squares else -1 for r in range(1, p)], dtype=torch.float64)
+    index = torch.arange(p)
+    return chi[(index[None, :] - index[:, None]) % p]
+
+
+@lru_cache(maxsize=None)
+def paley_hadamard(m: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order m from Paley's constructions (I: m = p + 1, p prime = 3 mod 4; II: m = 2(p + 1),
+    p prime = 1 mod 4), or of order 1 or 2; None when neither gives one."""
+    if m in (1, 2):
+        return torch.tensor([[1.0]] if m == 1 else [[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    p = m - 1
+    if _is_prime(p) and p % 4 == 3:  # I + S, S the skew conference matrix [[0, 1^T], [-1, Q]]
+        conference = torch.zeros(m, m, dtype=torch.float64)
+        conference[0, 1:], conference[1:, 0], conference[1:, 1:] = 1, -1, _legendre_matrix(p)
+        return torch.eye(m, dtype=torch.float64) + conference
+    p = m // 2 - 1
+    if m % 2 == 0 and _is_prime(p) and p % 4 == 1:  # C (x) [[1, 1], [1, -1]] + I (x) [[1, -1], [-1, -1]]
+        conference = torch.zeros(m // 2, m // 2, dtype=torch.float64)
+        conference[0, 1:], conference[1:, 0], conference[1:, 1:] = 1, 1, _legendre_matrix(p)
+        plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        minus = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(conference, plus) + torch.kron(torch.eye(m // 2, dtype=torch.float64), minus)
+    return None
+
+
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < n:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+def hadamard_factor(n: int) -> int | None:
+    """The smallest m with a Hadamard matrix known here and n = m 2^k, or None."""
+    power = n & -n  # the largest power of two dividing n
+    for m in sorted({n // (power >> shift) for shift in range(power.bit_length())}):
+        if n % m == 0 and paley_hadamard(m) is not None:
+            return m
+    return None
+
+
+class Rotation:
+    """One orthogonal n x n matrix, kept as its factors; `apply(x)` is x @ Q on the last dimension."""
+
+    def __init__(self, kind: str, n: int, seed: int, stream: int):
+        generator = torch.Generator().manual_seed(seed * STREAMS_PER_SEED + stream)  # the same on any machine
+        m = hadamard_factor(n) if kind == "hadamard" else None
+        if kind == "hadamard" and m is None:
+            warnings.warn(f"no Hadamard matrix of order {n} is known here (n = m 2^k with m = 1, 2 or a Paley order); "
+                          "using a random orthogonal matrix for this rotation", stacklevel=2)
+        self.n, self.m = n, m
+        if m is not None:
+            self.signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+            self.outer, self.inner = paley_hadamard(m), sylvester_hadamard(n // m)
+        else:
+            gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
+            q, r = torch.linalg.qr(gaussian)
+            self.dense = q * torch.sign(torch.diagonal(r))  # the unique Q with a positive diagonal of R
+        self._copies = {}
+
+    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (like.device, like.dtype)
+        if key not in self._copies:  # once per device and dtype, not once per call
+            factors = (self.dense,) if self.m is None else (self.signs, self.outer, self.inner)
+            self._copies[key] = tuple(factor.to(like) for factor in factors)
+        return self._copies[key]
+
+    def apply(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x @ Q (x @ Q^T with `inverse`) on the last dimension, in x's dtype and device."""
+        if self.m is None:
+            (dense,) = self._factors(x)
+            return x @ (dense.T if inverse else dense)
+        signs, outer, inner = self._factors(x)
+        if not inverse:  # Q = D (H_m (x) H_2^k) / sqrt(n): x -> x D, then X -> H_m^T X H_2^k on its m x 2^k view
+            blocks = (x * signs).unflatten(-1, (self.m, self.n // self.m))
+            return (outer.T @ blocks @ inner).flatten(-2) / math.sqrt(self.n)
+        blocks = x.unflatten(-1, (self.m, self.n // self.m))
+        return (outer @ blocks @ inner.T).flatten(-2) * signs / math.sqrt(self.n)
+
+    def matrix(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.n, dtype=torch.float64))
+
+
+@lru_cache(maxsize=None)
+def rotation(kind: str, n: int, seed: int, stream: int) -> Rotation:
+    return Rotation(kind, n, seed, stream)
+
+
+def rotate(x: torch.Tensor, kind: str, seed: int, stream: int, inverse: bool = False) -> torch.Tensor:
+    """x @ Q (or Q^T) on the last dimension, computed in float32 (float64 stays float64), returned in x's dtype."""
+    compute = x if x.dtype == torch.float64 else x.float()
+    return rotation(kind, x.shape[-1], seed, stream).apply(compute, inverse).to(x.dtype)
+
+
+class OnlineRotation(nn.Module):
+    """x -> x @ Q at run time (no parameters or buffers: Q is rebuilt from its kind, size and seed)."""
+
+    def __init__(self, kind: str, n: int, seed: int, stream: int):
+        super().__init__()
+        self.kind, self.n, self.seed, self.stream = kind, n, seed, stream
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rotate(x, self.kind, self.seed, self.stream)
+
+    def extra_repr(self):
+        return f"{self.kind}, n={self.n}, seed={self.seed}"
+
+
+def head_dim(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_rotatable(model: nn.Module) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ROTATED_MODEL_TYPES:
+        raise ValueError(f"rotations are folded for the model types {', '.join(ROTATED_MODEL_TYPES)}, not "
+                         f"{model_type!r}; use rotate='none' for this model")
+
+
+def _update(parameter: nn.Parameter, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        parameter.copy_(value.to(parameter.dtype))
+
+
+def _untie_output_layer(model: nn.Module) -> None:
+    """R1 reaches the embedding and lm_head differently once the final norm is folded into lm_head."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output.weight is embedding.weight:
+        output.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False
+
+
+def rotate_model(model: nn.Module, kind: str, seed: int = 0) -> nn.Module:
+    """Fold R1, R2 and R4's inverse into the weights of `model` (a full-precision LLaMA-family causal LM, or its
+    student), in place. The rotated model needs `OnlineRotation(kind, intermediate_size, seed, DOWN_PROJ_INPUT)`
+    on down_proj's input to compute what it computed before (`models.quantize` puts it there)."""
+    check_rotatable(model)
+    _untie_output_layer(model)
+    if getattr(model, WEIGHTS_UNREAD, False):
+        return model
+    decoder = model.get_decoder()
+    f64 = dict(dtype=torch.float64)
+    residual = rotation(kind, model.config.hidden_size, seed, RESIDUAL).matrix()
+    value = rotation(kind, head_dim(model), seed, VALUE).matrix()
+    down_input = rotation(kind, model.config.intermediate_size, seed, DOWN_PROJ_INPUT).matrix()
+
+    def read(linears, norm):  # x -> norm(x) W^T becomes (x R1) -> unit_norm(x R1) (W diag(norm) R1)^T
+        scale = norm.weight.to(**f64) if norm is not None else 1
+        for linear in linears:
+            _update(linear.weight, (linear.weight.to(**f64) * scale) @ residual)
+        if norm is not None:
+            _update(norm.weight, torch.ones_like(norm.weight))
+
+    def write(linear):  # y = x W^T + b becomes y R1 = x (R1^T W)^T + b R1
+        _update(linear.weight, residual.T @ linear.weight.to(**f64))
+        if linear.bias is not None:
+            _update(linear.bias, linear.bias.to(**f64) @ residual)
+
+    _update(model.get_input_embeddings().weight, model.get_input_embeddings().weight.to(**f64) @ residual)
+    for layer in decoder.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        read([attention.q_proj, attention.k_proj, attention.v_proj], layer.input_layernorm)
+        read([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm)
+        write(attention.o_proj)
+        write(mlp.down_proj)
+        # R2: each value head v_h -> v_h R2 (v_proj's rows), and o_proj reads each head's output through R2
+        v_rows = attention.v_proj.weight.to(**f64).unflatten(0, (-1, value.shape[0]))
+        _update(attention.v_proj.weight, (value.T @ v_rows).flatten(0, 1))
+        if attention.v_proj.bias is not None:
+            _update(attention.v_proj.bias, (attention.v_proj.bias.to(**f64).unflatten(0, (-1, value.shape[0])) @ value).flatten())
+        o_columns = attention.o_proj.weight.to(**f64).unflatten(1, (-1, value.shape[0]))
+        _update(attention.o_proj.weight, (o_columns @ value).flatten(1))
+        _update(mlp.down_proj.weight, mlp.down_proj.weight.to(**f64) @ down_input)  # its input turns into h R4
+    read([model.get_output_embeddings()], decoder.norm)
+    return model
