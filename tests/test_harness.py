@@ -226,7 +226,10 @@ def test_evaluate_script_records_rtn_options_in_the_result_and_its_label(tiny_mo
                                    "--output", str(tmp_path / "deploy.json")])
     assert record["label"] == "4-8-4+deploy"
     assert json.loads((tmp_path / "deploy.json").read_text())["quantization"]["grid"] == "full"
+    record = evaluate_script.main([str(model_dir), "4", "4", "16", "--rotate", "hadamard", "--tasks", "none",
+                                   "--output", str(tmp_path / "rotated.json")])
+    assert record["label"] == "4-4-16+hadamard" and record["quantization"]["rotate"] == "hadamard"
     checkpoint = tmp_path / "qat"
     save_quantized(quantize_model(tiny_model, 4, 8, 4), checkpoint, tokenizer)
-    with pytest.raises(SystemExit, match="omit W A KV, --w-group-size and --kv-placement"):
+    with pytest.raises(SystemExit, match="omit W A KV, --w-group-size, --kv-placement"):
         evaluate_script.main([str(checkpoint), "--w-group-size", "32", "--tasks", "none"])
