@@ -131,3 +131,19 @@ def test_sharded_checkpoints_resume_and_reload_as_the_quantized_student(tiny_tea
         assert (k_proj.w_bits, k_proj.a_bits, k_proj.out_bits) == (4, 8, 4)
         ids = torch.randint(0, 1000, (1, 10))
         assert torch.equal(student(ids).logits, remote(ids).logits)
+
+
+def test_rotated_student_shards_with_the_rotation_folded_on_rank_0_only(tiny_teacher_dir, tmp_path):
+    """Rank 1 builds the rotated structure without weights (an untied lm_head, online rotations) and gets rank 0's
+    folded weights by broadcast: with learning rate 0 the saved student is the rotated teacher, weight for weight."""
+    from models import QATConfig
+    output = tmp_path / "rotated"
+    config = QATConfig(4, 4, 4, kv_placement="post_rope", rotate="hadamard")
+    run_sharded(tiny_teacher_dir, output, "--max_steps", "1", *SGD, "--learning_rate", "0", "--a_bits", "4",
+                "--kv_placement", "post_rope", "--rotate", "hadamard")
+    expected = quantize_model(load_model(tiny_teacher_dir / "teacher"), config)
+    saved = load_file(output / "model.safetensors")
+    assert "lm_head.weight" in saved
+    for name, parameter in expected.named_parameters():
+        assert torch.equal(saved[name].float(), parameter.detach()), name
+    assert QATConfig(**load_model(output).config.llm_qat) == config
