@@ -103,9 +103,9 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32, quantized
     its float weights would not compute its function)."""
     model = from_pretrained(path, dtype)
     settings = getattr(model.config, CONFIG_KEY, None)
-    if settings:
-        saved = QATConfig(**settings)
-        float_settings = QATConfig(rotate=saved.rotate, rotate_seed=saved.rotate_seed)
-        if quantized or saved.rotate != "none":
-            quantize_model(model, saved if quantized else float_settings)
+    saved = QATConfig(**settings) if settings else None
+    if saved and quantized:
+        quantize_model(model, saved)
+    elif saved and saved.rotate != "none":  # 16 bits everywhere, the rotations kept
+        quantize_model(model, QATConfig(rotate=saved.rotate, rotate_seed=saved.rotate_seed))
     return model
