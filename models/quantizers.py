@@ -49,14 +49,15 @@ def check_bits(bits, what: str = "bits") -> int:
     return bits
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype the math runs in: float32, or float64 for float64."""
     return x if x.dtype == torch.float64 else x.float()
 
 
 def symmetric_codes(x: torch.Tensor, bits: int, grid: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (as float32 or float64, in [-(2^(b-1)-1), 2^(b-1)-1], on the full grid [-2^(b-1), 2^(b-1)-1])
     and per-row scales with x_q = codes * scale. A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan)."""
-    x = _upcast(x)
+    x = upcast(x)
     if grid == "full":
         low, high = full_range(bits)
         rounded, scale, _ = _full_grid(x, bits, True)
@@ -74,7 +75,7 @@ def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
-    dtype, x = x.dtype, _upcast(x)
+    dtype, x = x.dtype, upcast(x)
     qmax = 2 ** bits - 1
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
     high = x.amax(dim=-1, keepdim=True).clamp(min=0)
@@ -107,7 +108,7 @@ def _full_grid(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tenso
 
 def _full(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The full-grid fake quantization of `x` and where it does not clip (a row of range 0 gives 0)."""
-    dtype, x = x.dtype, _upcast(x)
+    dtype, x = x.dtype, upcast(x)
     low, high = full_range(bits)
     rounded, scale, zero_point = _full_grid(x, bits, symmetric)
     inside = (rounded >= low) & (rounded <= high) | (scale == 0)  # a row of range 0 clips nothing (its codes are 0/0)

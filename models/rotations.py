@@ -30,6 +30,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .quantizers import upcast
+
 ROTATIONS = ("none", "hadamard", "random")
 ROTATED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # plain RMSNorm, pre-norm blocks, no embedding scale
 RESIDUAL, VALUE, KEY, DOWN_PROJ_INPUT = range(4)  # one random stream per rotation: R1, R2, R3, R4
@@ -82,9 +84,9 @@ def sylvester_hadamard(n: int) -> torch.Tensor:
 def hadamard_factor(n: int) -> int | None:
     """The smallest m with a Hadamard matrix known here and n = m 2^k, or None."""
     power = n & -n  # the largest power of two dividing n
-    for m in sorted({n // (power >> shift) for shift in range(power.bit_length())}):
-        if n % m == 0 and paley_hadamard(m) is not None:
-            return m
+    for shift in range(power.bit_length()):  # m = n / 2^k, smallest first
+        if paley_hadamard(n // (power >> shift)) is not None:
+            return n // (power >> shift)
     return None
 
 
@@ -137,8 +139,7 @@ def rotation(kind: str, n: int, seed: int, stream: int) -> Rotation:
 
 def rotate(x: torch.Tensor, kind: str, seed: int, stream: int, inverse: bool = False) -> torch.Tensor:
     """x @ Q (or Q^T) on the last dimension, computed in float32 (float64 stays float64), returned in x's dtype."""
-    compute = x if x.dtype == torch.float64 else x.float()
-    return rotation(kind, x.shape[-1], seed, stream).apply(compute, inverse).to(x.dtype)
+    return rotation(kind, x.shape[-1], seed, stream).apply(upcast(x), inverse).to(x.dtype)
 
 
 class OnlineRotation(nn.Module):
