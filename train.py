@@ -27,7 +27,7 @@ from models.checkpoint import saved_settings, write_remote_code
 from models.quantize import QATConfig, quantize_model, quantized_modules
 from utils.cli import ensure_writable_dir, user_errors
 from utils.data import PadCollator, TokenSequenceDataset
-from utils.kd_trainer import REDUCTIONS, KDTrainer
+from utils.kd_trainer import LOSSES, REDUCTIONS, KDTrainer
 from utils.loading import load_model, load_tokenizer, load_weightless_model, model_display_name, resolve_model_path
 from utils.records import TeacherIdentity
 
@@ -61,8 +61,12 @@ QuantArguments = make_dataclass("QuantArguments", [(f.name, get_type_hints(QATCo
 @dataclass
 class DistillationArguments:
     kd_reduction: str = field(default="batchmean", metadata={"help": f"KL normalisation: {' or '.join(REDUCTIONS)}"})
+    loss: str = field(default="kd", metadata={"help": "kd: KL to the teacher's logits (the paper's method); ce: "
+                                                      "next-token cross-entropy on the data, no teacher (its ablation)"})
 
     def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss {self.loss!r} is not supported; use {' or '.join(LOSSES)}")
         if self.kd_reduction not in REDUCTIONS:
             raise ValueError(f"--kd_reduction {self.kd_reduction!r} is not supported; use {' or '.join(REDUCTIONS)}")
 
@@ -165,12 +169,15 @@ def main(argv: list[str] | None = None) -> None:
                                    teacher=teacher_id, vocab_size=vocab_size)
     # A QAT checkpoint given as the model loads its float (latent) weights: they are the teacher and the start.
     # Two loads rather than a deepcopy: under DeepSpeed ZeRO-3 each load is partitioned as it happens.
-    teacher = load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32, training_args)
+    teacher = (load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32, training_args)
+               if kd_args.loss == "kd" else None)
     student = quantize_model(load_float_model(model_path, torch.float32, training_args), qat_config)
-    logger.info("Student W%dA%dKV%d: %d quantized linear layers; teacher frozen in %s", qat_config.w_bits,
-                qat_config.a_bits, qat_config.kv_bits, len(quantized_modules(student)), teacher.dtype)
+    logger.info("Student W%dA%dKV%d: %d quantized linear layers; %s", qat_config.w_bits, qat_config.a_bits,
+                qat_config.kv_bits, len(quantized_modules(student)),
+                f"teacher frozen in {teacher.dtype}" if teacher is not None else "next-token loss, no teacher")
 
-    trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, args=training_args,
+    trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, loss=kd_args.loss,
+                        args=training_args,
                         train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
                         processing_class=tokenizer)
 

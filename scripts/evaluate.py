@@ -3,9 +3,11 @@
     python scripts/evaluate.py output/qat                      # a QAT checkpoint (loads quantized)
     python scripts/evaluate.py default 4 8 4                   # RTN baseline: embedded default, W4A8KV4, no training
     python scripts/evaluate.py default --tasks none --heldout gen_data/heldout.jsonl   # offline metrics only
+    python scripts/evaluate.py baselines/gptq-w4 4 8 4 --teacher default   # a GPTQ model (scripts/baseline.py)
 
 Method: `qat` for a saved QAT checkpoint, `rtn` for a full-precision model quantized here with W A KV bits
-(round-to-nearest, the paper's training-free baseline), `fp` otherwise. Always measured: perplexity on
+(round-to-nearest, the paper's training-free baseline), `gptq` / `smoothquant` for a model written by
+scripts/baseline.py, evaluated at W A KV with its own weights (utils/baselines.py), `fp` otherwise. Always measured: perplexity on
 `--text-file` (default: a built-in paragraph); with `--heldout`, KL to the teacher and top-1 agreement; with
 tasks, the lm-eval harness (zero-shot).
 """
@@ -22,6 +24,7 @@ import torch
 from models.checkpoint import saved_settings
 from models.quantize import CONFIG_KEY, KV_PLACEMENTS, RECIPES, QATConfig, quantize_model
 from models.rotations import ROTATIONS
+from utils.baselines import applied_quantization, saved_baseline
 from utils.cli import check_output_file, user_errors
 from utils.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
 from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
@@ -92,9 +95,11 @@ def rtn_options(args) -> dict:
             "rotate": args.rotate, "rotate_seed": args.rotate_seed}
 
 
-def evaluated_method(args, saved: QATConfig | None) -> tuple[str, QATConfig]:
+def evaluated_method(args, saved: QATConfig | None, baseline: dict | None = None) -> tuple[str, QATConfig]:
     """What is evaluated, decided from the command line and the checkpoint's config alone (before any load):
-    `qat` for a saved student, `rtn` for a float model with W A KV, `fp` otherwise."""
+    `qat` for a saved student, the baseline's name for a scripts/baseline.py model, `rtn` for a float model with
+    W A KV, `fp` otherwise. The bits returned are the row's W-A-KV (for a baseline, `applied_quantization` says
+    which quantizers that adds)."""
     if saved is not None:
         if args.bits or any(value is not None for value in rtn_options(args).values()):
             raise ValueError(f"{args.model} is already a QAT checkpoint ({saved.label()}); omit W A KV, "
@@ -106,6 +111,14 @@ def evaluated_method(args, saved: QATConfig | None) -> tuple[str, QATConfig]:
         return "qat", saved
     options = {name: value for name, value in rtn_options(args).items() if value is not None}
     bits = QATConfig(*args.bits, **options) if args.bits else QATConfig(**options)
+    if baseline is not None:
+        if not args.bits:
+            raise ValueError(f"{args.model} is a {baseline['method']} model; give the W A KV bits to evaluate it at")
+        if args.heldout and not args.teacher:
+            raise ValueError(f"--heldout on a {baseline['method']} model needs --teacher MODEL, the full-precision "
+                             "model it was made from ('default' for the embedded SmolLM2-135M)")
+        applied_quantization(baseline, bits)  # refuses bits the baseline's weights do not fit
+        return baseline["method"], bits
     return ("fp" if bits.label() == QATConfig().label() else "rtn"), bits
 
 
@@ -128,7 +141,9 @@ def evaluate(args) -> dict:
 
     # Everything that can fail on bad input happens before the (long) evaluation, the output path first.
     path = resolve_model_path(args.model)
-    method, bits = evaluated_method(args, saved_settings(path) if Path(path).is_dir() else None)
+    local = Path(path).is_dir()
+    baseline = saved_baseline(path) if local else None
+    method, bits = evaluated_method(args, saved_settings(path) if local else None, baseline)
     output = check_output_file(args.output or default_output(args, method, bits))
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=dtype, device=args.device)
@@ -136,6 +151,8 @@ def evaluate(args) -> dict:
         raise ValueError(f"{args.model} is a QAT checkpoint from the hub; download it to a directory and pass that")
     if method == "rtn":
         quantize_model(model, bits)
+    elif baseline is not None:
+        quantize_model(model, applied_quantization(baseline, bits))
     vocab_size = model.config.vocab_size
     text = token_sequences(tokenizer, args.text_file, args.max_length, vocab_size=vocab_size)
     heldout, teacher = None, None
@@ -162,8 +179,10 @@ def evaluate(args) -> dict:
         "method": method,
         "bits": {"w": bits.w_bits, "a": bits.a_bits, "kv": bits.kv_bits},
         "label": bits.label(),  # the bits with the options that change the model, e.g. 4g128-8-4k
-        "quantization": asdict(bits),
-        "model": model_display_name(args.teacher if method == "qat" and args.teacher else args.model),  # the table's group
+        "quantization": asdict(applied_quantization(baseline, bits) if baseline else bits),
+        **({"baseline": baseline} if baseline else {}),
+        # the table's group: the full-precision model a QAT or baseline model came from
+        "model": model_display_name(args.teacher if method not in ("fp", "rtn") and args.teacher else args.model),
         "checkpoint": model_display_name(args.model),
         "metrics": metrics,
         "settings": {"tasks": tasks, "include_path": args.include_path, "limit": args.limit,

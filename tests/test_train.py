@@ -167,3 +167,35 @@ def test_rotated_student_trains_from_the_unrotated_teacher_and_reloads(tiny_teac
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
     with pytest.raises(ValueError, match="pass --kv_placement post_rope"):
         train.main(train_args(tiny_teacher_dir, tmp_path / "other", "--rotate", "hadamard"))
+
+
+def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_teacher_dir, tmp_path, monkeypatch):
+    """--loss ce (the paper's label ablation): the logged first loss is the student's next-token cross-entropy on
+    the first batch, padding excluded; no teacher is loaded."""
+    loads = []
+    monkeypatch.setattr(train, "load_float_model", lambda *a, **k: loads.append(a) or load_model(a[0], a[1], quantized=False))
+    output = tmp_path / "out"
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "1", "--per_device_train_batch_size", "4",
+                          "--loss", "ce", "--dataloader_drop_last", "false", "--seed", "0"))
+    assert len(loads) == 1  # the student only
+    from models.quantize import QATConfig, quantize_model
+    from utils.data import PadCollator
+    student = quantize_model(load_model(tiny_teacher_dir / "teacher", quantized=False), QATConfig(4, 8, 4))
+    rows = [json.loads(line)["input_ids"][:16] for line in (tiny_teacher_dir / "data.jsonl").read_text().splitlines()]
+    batch = PadCollator(0)([{"input_ids": ids} for ids in rows])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        expected = student(**batch, labels=labels).loss.item()  # one batch of all four: order does not matter
+    assert logged_losses(output)[0] == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="--loss 'mse' is not supported"):
+        train.DistillationArguments(loss="mse")
+
+
+def test_kd_trainer_refuses_a_loss_that_does_not_match_its_teacher(tiny_teacher_dir, tmp_path):
+    from utils.kd_trainer import KDTrainer
+    student = load_model(tiny_teacher_dir / "teacher", quantized=False)
+    args = train.QATTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="use loss 'kd' with a teacher or 'ce' without one"):
+        KDTrainer(model=student, teacher=None, loss="kd", args=args)
+    with pytest.raises(ValueError, match="use loss 'kd' with a teacher or 'ce' without one"):
+        KDTrainer(model=student, teacher=student, loss="ce", args=args)

@@ -2,8 +2,8 @@
 (`scripts/compare.py` is the command line).
 
 `write_report` writes `results.md`, laid out like the paper's Table 1 (one row per method and W-A-KV bits: FP 16-16-16, then
-RTN and QAT per bit config; columns: zero-shot accuracies, their average, then perplexities and the offline
-fidelity metrics), and `results.png` (grouped bars per task: FP / RTN / QAT).
+RTN, GPTQ, SmoothQuant and QAT per bit config; columns: zero-shot accuracies, their average, then perplexities and the offline
+fidelity metrics), and `results.png` (grouped bars per task: FP / RTN / ... / QAT).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from utils.harness import PAPER_TASKS
 
 logger = logging.getLogger(__name__)
 
-METHOD_LABELS = {"fp": "FP", "rtn": "RTN", "qat": "QAT"}
-METHOD_ORDER = {"fp": 0, "rtn": 1, "qat": 2}
+METHOD_LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "qat": "QAT"}
+METHOD_ORDER = {method: order for order, method in enumerate(METHOD_LABELS)}
 TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "social_iqa": "SIQA", "hellaswag": "HellaSwag",
                "winogrande": "WinoGrande", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 # Non-task columns: (metric key, header, scale for display, format). Accuracies show in percent, as in the paper.
@@ -37,6 +37,13 @@ def _is_result(record) -> bool:
             and all(isinstance(record["bits"].get(k), int) for k in ("w", "a", "kv")))
 
 
+def gap_closed(fp: dict, rtn: dict, qat: dict, metric: str = "heldout_perplexity") -> float:
+    """The share of the RTN -> FP gap in `metric` (a perplexity) that QAT wins back: 1 = all of it, 0 = none,
+    below 0 = worse than RTN. NaN where RTN is no worse than FP (no gap to close)."""
+    gap = rtn[metric] - fp[metric]
+    return (rtn[metric] - qat[metric]) / gap if gap > 0 else float("nan")
+
+
 def load_results(paths) -> list[dict]:
     records = []
     for path in paths:
@@ -47,7 +54,7 @@ def load_results(paths) -> list[dict]:
         except json.JSONDecodeError:
             record = None
         if not _is_result(record):
-            raise ValueError(f"{path} is not a result file of scripts/evaluate.py (needs method fp|rtn|qat, bits "
+            raise ValueError(f"{path} is not a result file of scripts/evaluate.py (needs method fp|rtn|gptq|smoothquant|qat, bits "
                              "w/a/kv and metrics); regenerate it with scripts/evaluate.py")
         records.append({**record, "path": str(path)})
     if not records:
@@ -72,7 +79,8 @@ def row_label(record) -> str:
 
 
 def sort_records(records) -> list[dict]:
-    """By model (first seen), then FP first, higher bits first, RTN before QAT within the same bits."""
+    """By model (first seen), then FP first, higher bits first, then RTN, GPTQ, SmoothQuant, QAT
+    within the same bits."""
     model_order = {model: i for i, model in reversed(list(enumerate(r["model"] for r in records)))}
     return sorted(records, key=lambda r: (model_order[r["model"]], r["method"] != "fp",
                                           tuple(-r["bits"][k] for k in ("w", "a", "kv")), METHOD_ORDER[r["method"]]))

@@ -126,6 +126,16 @@ def load_tasks(tasks: list[str], include_path: str | Path | None = None):
     return manager, loaded
 
 
+def tasks_loadable(tasks: list[str], include_path: str | Path | None = None) -> bool:
+    """Whether every task's dataset loads here (network or a local copy): the table's choice of tasks."""
+    try:
+        load_tasks(tasks, include_path)
+    except (HarnessDataError, ValueError) as err:
+        logger.info("lm-eval tasks not available: %s", str(err).splitlines()[0][:200])
+        return False
+    return True
+
+
 def run_harness(model, tokenizer, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
                 include_path: str | Path | None = None, limit: int | float | None = None, batch_size: int = 1,
                 bootstrap_iters: int = 100000, log_samples: bool = False) -> dict:

@@ -5,6 +5,7 @@ The loss is KL(teacher || student) of the softmax distributions at every positio
 `kl_div(log_softmax(student), softmax(teacher), reduction="batchmean")` over [batch, seq, vocab]:
 a sum over positions and vocabulary divided by the batch size. That is the default here ("batchmean");
 "token_mean" divides by the number of positions instead, which keeps the loss scale independent of length.
+The paper's loss ablation (Table 4) trains on the data's own next tokens instead (`loss="ce"`): no teacher then.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 from models.checkpoint import write_remote_code
 
 REDUCTIONS = ("batchmean", "token_mean")
+LOSSES = ("kd", "ce")  # KL to the teacher's logits (the paper's method); next-token cross-entropy (its ablation)
 
 
 class _ChunkedKLDivergence(torch.autograd.Function):
@@ -70,25 +72,37 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attentio
 class KDTrainer(Trainer):
     """A `Trainer` whose loss is distillation from a frozen full-precision teacher; all else is inherited
     (resume, logging, checkpoints, FSDP, DeepSpeed). The teacher is not an attribute the Trainer wraps,
-    so it is kept out of the optimizer and of checkpoints; under FSDP2 and ZeRO-3 it is sharded like the student."""
+    so it is kept out of the optimizer and of checkpoints; under FSDP2 and ZeRO-3 it is sharded like the student.
+    With `loss="ce"` there is no teacher: the student learns the data's next tokens (the paper's "label" ablation)."""
 
     loss_is_scaled_for_ga = False  # kd_loss is a per-micro-batch mean: let the Trainer divide it for accumulation
 
-    def __init__(self, *args, teacher: torch.nn.Module, kd_reduction: str = "batchmean", **kwargs):
+    def __init__(self, *args, teacher: torch.nn.Module | None, kd_reduction: str = "batchmean", loss: str = "kd",
+                 **kwargs):
+        if loss not in LOSSES or (teacher is None) != (loss == "ce"):
+            raise ValueError(f"loss {loss!r} with{'out' if teacher is None else ''} a teacher: use loss 'kd' with a "
+                             "teacher or 'ce' without one")
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # older transformers 5.x: same meaning as the line above
-        teacher.eval().requires_grad_(False)
-        if _zero3_enabled():
-            self.teacher = _zero3_inference_engine(teacher, self.args)
+        self.loss = loss
+        if teacher is None:
+            self.teacher = None
+        elif _zero3_enabled():
+            self.teacher = _zero3_inference_engine(teacher.eval().requires_grad_(False), self.args)
         elif self.accelerator.is_fsdp2:
-            self.teacher = _fsdp2_sharded_teacher(teacher, self.accelerator)
+            self.teacher = _fsdp2_sharded_teacher(teacher.eval().requires_grad_(False), self.accelerator)
         else:
-            self.teacher = teacher.to(self.args.device)
+            self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.kd_reduction = kd_reduction
         self.add_callback(RemoteCodeCallback())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.loss == "ce":  # the model shifts the labels; padding (mask 0) is ignored
+            mask = inputs.get("attention_mask")
+            labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
+            outputs = model(**inputs, labels=labels, use_cache=False)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs, use_cache=False).logits
         outputs = model(**inputs, use_cache=False)

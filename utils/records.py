@@ -128,6 +128,11 @@ def check_token_ids(ids, vocab_size: int | None = None) -> None:
             raise ValueError(f"token id {token} is outside the vocabulary ({limit})")
 
 
+def plain_sequence_line(ids: list[int]) -> str:
+    """The line of a sequence with no generation record (real text cut into windows): its token ids only."""
+    return json.dumps({"input_ids": list(ids)}) + "\n"
+
+
 def read_sequence(line: str, tokenizer=None, vocab_size: int | None = None) -> tuple[list[int], TeacherIdentity | None]:
     """Token ids of a training or evaluation line (`input_ids`, else `text` tokenized) and the teacher that wrote
     it, if it says; ValueError saying what is wrong."""

@@ -1,0 +1,200 @@
+"""The paper table (scripts/paper_table.py, utils/table.py): table layout, a 2-row grid end to end on a tiny model
+with caching, resumption and a failing cell; and the llm-compressor baselines when their environment exists."""
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import load_script
+from utils.cli import CommandError
+from utils.loading import load_tokenizer
+from utils.table import grid_rows, row_bits, write_ablation
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_PYTHON = REPO / ".venv-baselines" / "bin" / "python"
+
+
+def record(**metrics):
+    return {"metrics": metrics}
+
+
+def test_rows_parse_and_bad_rows_name_the_fix():
+    assert row_bits("4-8-16") == (4, 8, 16)
+    with pytest.raises(ValueError, match="W-A-KV bits such as 4-8-4"):
+        row_bits("4-8")
+
+
+def test_grid_table_has_a_column_per_method_and_metric_and_the_gap_qat_closes():
+    fp, rtn, qat = record(heldout_perplexity=10.0), record(heldout_perplexity=30.0), record(heldout_perplexity=14.0)
+    grid = {"4-8-4": {"fp": fp, "rtn": rtn, "gptq": "not installed", "smoothquant": "failed", "qat": qat},
+            "4-16-16": {"fp": fp, "rtn": rtn, "gptq": "pending", "smoothquant": "n/a", "qat": rtn}}
+    header, rows = grid_rows(grid)
+    assert header == ["#Bits (W-A-KV)", "Held-out ppl: FP", "Held-out ppl: RTN", "Held-out ppl: GPTQ",
+                      "Held-out ppl: SmoothQuant", "Held-out ppl: LLM-QAT", "QAT gap closed (held-out)"]
+    assert rows[0] == ["4-8-4", "10.00", "30.00", "not installed", "failed", "14.00", "80%"]  # (30-14)/(30-10)
+    assert rows[1][-3:] == ["n/a", "30.00", "0%"]
+
+
+def test_ablation_table_rows_are_settings_with_their_gap(tmp_path):
+    rows = {"FP": record(heldout_perplexity=10.0, top1_agreement=1.0), "RTN": record(heldout_perplexity=20.0),
+            "Loss: next-token labels": record(heldout_perplexity=15.0, top1_agreement=0.5)}
+    write_ablation(rows, tmp_path, "ablation", "notes")
+    lines = (tmp_path / "ablation.md").read_text().splitlines()
+    assert "| Loss: next-token labels | 15.00 | 50.0 | 50% |" in lines
+    assert (tmp_path / "ablation.csv").read_text().splitlines()[0] == \
+        "Setting,Held-out ppl,Top-1 agreement (%),Gap closed (held-out)"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A tiny random Llama with the embedded default's tokenizer (generation and evaluation need real text)."""
+    root = tmp_path_factory.mktemp("teacher")
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def table_args(teacher, out, *extra):
+    return ["--model", str(teacher), "--rows", "4-8-4", "8-8-16", "--out", str(out), "--num-start-tokens", "4",
+            "--heldout-start-tokens", "1", "--seq-len", "16", "--tasks", "none", "--calibration-samples", "4", *extra]
+
+
+def ran(output: str) -> list[str]:
+    return [line.split(":")[0].removeprefix("[table] ") for line in output.splitlines() if line.endswith(")")
+            and ": running (log" in line]
+
+
+def test_two_row_grid_runs_caches_resumes_and_reports_a_failing_cell(tiny_teacher, tmp_path, capsys):
+    """Baselines through a stand-in environment that has `llmcompressor` but whose runs fail: those cells say
+    'failed' and the table is still written; a second call runs only what failed; a lost cell is run again."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncase \"$*\" in *'import llmcompressor'*) exit 0;; esac\n"
+                    "echo 'baseline.py: error: stand-in failure' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    out = tmp_path / "table"
+    paper_table = load_script("paper_table")
+    paper_table.main(table_args(tiny_teacher, out, "--baseline-python", str(fake)))
+    first = ran(capsys.readouterr().out)
+    assert [name.rsplit("-", 1)[0] for name in first] == [
+        "data-hybrid", "data-hybrid", "fp", "rtn-4-8-4", "rtn-8-8-16", "gptq-w4", "smoothquant", "gptq-w8",
+        "qat-4-8-4", "qat-4-8-4", "qat-8-8-16", "qat-8-8-16"]
+    table = (out / "table.md").read_text()
+    assert "| 4-8-4 | " in table and "| 8-8-16 | " in table
+    header, *rows = list(csv.reader((out / "table.csv").open()))
+    assert header[:3] == ["#Bits (W-A-KV)", "Held-out ppl: FP", "Held-out ppl: RTN"]
+    for row in rows:  # every metric's GPTQ and SmoothQuant column says so; the other methods have numbers
+        cells = dict(zip(header, row))
+        assert {cells[name] for name in header if name.endswith(("GPTQ", "SmoothQuant"))} == {"failed"}
+        assert all(float(cells[name]) >= 0 for name in header if name.endswith(("RTN", "LLM-QAT")))
+    assert (out / "table.png").is_file()
+
+    paper_table.main(table_args(tiny_teacher, out, "--baseline-python", str(fake)))
+    assert [name.rsplit("-", 1)[0] for name in ran(capsys.readouterr().out)] == ["gptq-w4", "smoothquant", "gptq-w8"]
+
+    next((out / "cells").glob("rtn-8-8-16-*.json")).unlink()  # as if a run was killed before this cell
+    paper_table.main(table_args(tiny_teacher, out, "--baseline-python", str(tmp_path / "missing")))
+    output = capsys.readouterr().out
+    assert [name.rsplit("-", 1)[0] for name in ran(output)] == ["rtn-8-8-16"]
+    assert "not installed" in (out / "table.md").read_text()
+
+    # A changed training setting retrains QAT only (new names), and nothing else.
+    paper_table.main(table_args(tiny_teacher, out, "--baseline-python", str(tmp_path / "missing"),
+                                "--learning-rate", "1e-3"))
+    assert [name.rsplit("-", 1)[0] for name in ran(capsys.readouterr().out)] == \
+        ["qat-4-8-4", "qat-4-8-4", "qat-8-8-16", "qat-8-8-16"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rows", "4-8"], "W-A-KV bits such as 4-8-4"),
+    (["--rows", "4-8-1"], "bits"),
+    (["--heldout-start-tokens", "4"], "leaves no training data"),
+    (["--real-text", "missing.txt", "--ablations", "data"], "does not exist"),
+])
+def test_bad_input_is_one_line_before_any_work(tiny_teacher, tmp_path, capsys, extra, message):
+    out = tmp_path / "table"
+    with pytest.raises(CommandError) as err:
+        load_script("paper_table").main(table_args(tiny_teacher, out, *extra))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (out / "data").exists()
+
+
+needs_baselines = pytest.mark.skipif(
+    not BASELINE_PYTHON.is_file() or subprocess.run([str(BASELINE_PYTHON), "-c", "import llmcompressor"],
+                                                    capture_output=True).returncode != 0,
+    reason="llm-compressor is not installed (make baselines)")
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibration") / "data.jsonl"
+    generator = torch.Generator().manual_seed(0)
+    path.write_text("".join(json.dumps({"input_ids": torch.randint(0, 1000, (16,), generator=generator).tolist()})
+                            + "\n" for _ in range(8)))
+    return path
+
+
+def make_baseline(teacher, calibration, out, method, *extra):
+    command = [str(BASELINE_PYTHON), "scripts/baseline.py", method, "--model", str(teacher), "--calibration",
+               str(calibration), "--output", str(out), *extra]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+
+
+@needs_baselines
+def test_gptq_weights_lie_on_a_4_bit_grid_and_evaluate_with_the_rows_activation_quantizers(tiny_teacher, calibration,
+                                                                                           tmp_path):
+    make_baseline(tiny_teacher, calibration, tmp_path / "gptq", "gptq", "--w-bits", "4")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["llm_qat_baseline"]["method"] == "gptq" and "quantization_config" not in config
+    gptq, teacher = (LlamaForCausalLM.from_pretrained(path) for path in (tmp_path / "gptq", tiny_teacher))
+    for name, module in gptq.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            levels = [row.unique().numel() for row in module.weight]
+            assert max(levels) <= 16, name  # 4 bits: at most 16 values per output channel
+            assert not torch.equal(module.weight, teacher.get_submodule(name).weight)
+    evaluate = load_script("evaluate")
+    result = evaluate.main([str(tmp_path / "gptq"), "4", "8", "4", "--tasks", "none", "--teacher", str(tiny_teacher),
+                            "--heldout", str(calibration), "--max-length", "16",
+                            "--output", str(tmp_path / "gptq.json")])
+    assert result["method"] == "gptq" and result["label"] == "4-8-4"
+    assert (result["quantization"]["w_bits"], result["quantization"]["a_bits"]) == (16, 8)  # weights are GPTQ's
+    with pytest.raises(CommandError, match="evaluate it at W = 4"):
+        evaluate.main([str(tmp_path / "gptq"), "8", "8", "8", "--tasks", "none", "--output", str(tmp_path / "x.json")])
+
+
+@needs_baselines
+def test_smoothquant_keeps_the_float_function_and_moves_scale_into_the_norms(tiny_teacher, calibration, tmp_path):
+    make_baseline(tiny_teacher, calibration, tmp_path / "sq", "smoothquant", "--smoothing-strength", "0.8")
+    smoothed, teacher = (LlamaForCausalLM.from_pretrained(path).double() for path in (tmp_path / "sq", tiny_teacher))
+    assert not torch.equal(smoothed.model.layers[0].input_layernorm.weight,
+                           teacher.model.layers[0].input_layernorm.weight)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(smoothed(ids).logits, teacher(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(subprocess.CalledProcessError):  # an existing output is never overwritten
+        make_baseline(tiny_teacher, calibration, tmp_path / "sq", "smoothquant")
+
+
+def test_baseline_without_llm_compressor_names_the_fix(tiny_teacher, calibration, tmp_path, monkeypatch):
+    import builtins
+
+    from utils import baselines
+    real_import = builtins.__import__
+
+    def no_llmcompressor(name, *args, **kwargs):
+        if name.startswith("llmcompressor"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llmcompressor)
+    with pytest.raises(ImportError, match="make baselines"):
+        baselines.run_baseline("gptq", str(tiny_teacher), calibration, tmp_path / "out", w_bits=4)
+    assert not (tmp_path / "out").exists()

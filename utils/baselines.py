@@ -1,0 +1,146 @@
+"""The paper's training-free baselines besides RTN (Table 1): GPTQ (weights) and SmoothQuant (weights and
+activations), run by llm-compressor's `oneshot` and calibrated on the teacher's own generated data, so they are
+data-free as LLM-QAT is. Not written by hand: llm-compressor is the implementation the field uses.
+
+llm-compressor 0.14 pins transformers <= 5.17, so it lives in its own environment: `make baselines` makes
+.venv-baselines (`pip install -e '.[baselines]'`); the main environment does not need it.
+
+A baseline is saved as a float model directory whose config.json records what was done (`BASELINE_KEY`):
+- gptq: every decoder linear layer's weights on llm-compressor's W-bit symmetric per-output-channel grid (the
+  paper's granularity), stored dequantized. Evaluated at W-A-KV, only the A and KV quantizers are added: rounding
+  the weights again would be a second, different quantizer.
+- smoothquant: activation outliers moved into the weights (scale alpha, SmoothQuant's eq. 4) through the RMSNorm
+  scales; still float. Evaluated at W-A-KV, all three quantizers are applied exactly as for RTN.
+So at one W-A-KV the methods differ only in their weights (issue #15).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import saved_config
+from models.quantize import QATConfig
+from utils.data import read_token_sequences
+from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
+from utils.records import TeacherIdentity
+
+logger = logging.getLogger(__name__)
+
+BASELINE_KEY = "llm_qat_baseline"
+BASELINES = ("gptq", "smoothquant")
+INSTALL_HINT = "make baselines (llm-compressor in its own environment, .venv-baselines)"
+
+
+def saved_baseline(directory: str | Path) -> dict | None:
+    """What a baseline directory was made by ({"method": "gptq", "w_bits": 4, ...}); None for any other model."""
+    return saved_config(directory).get(BASELINE_KEY)
+
+
+def applied_quantization(baseline: dict, bits: QATConfig) -> QATConfig:
+    """The quantizers evaluate.py puts on a baseline's model for the W-A-KV row `bits`."""
+    if bits.rotate != "none":
+        raise ValueError(f"{baseline['method']} weights were computed without a rotation; omit --rotate")
+    if baseline["method"] != "gptq":
+        return bits
+    if bits.w_bits != baseline["w_bits"] or bits.w_group_size is not None:
+        raise ValueError(f"this GPTQ model has {baseline['w_bits']}-bit per-channel weights, not {bits.w_bits}; "
+                         f"evaluate it at W = {baseline['w_bits']}, or run scripts/baseline.py gptq --w-bits "
+                         f"{bits.w_bits}")
+    return replace(bits, w_bits=16)  # the weights are already GPTQ's
+
+
+def calibration_dataset(path: str | Path, tokenizer, teacher: TeacherIdentity, num_samples: int, max_length: int,
+                        seed: int):
+    """`num_samples` generated sequences (a seeded choice), cut to `max_length`, as the `datasets.Dataset` of
+    token ids that `oneshot` takes."""
+    from datasets import Dataset
+
+    sequences = read_token_sequences(path, tokenizer, teacher, teacher.vocab_size)
+    chosen = random.Random(seed).sample(sequences, min(num_samples, len(sequences)))
+    chosen = [ids[:max_length] for ids in chosen]
+    return Dataset.from_dict({"input_ids": chosen, "attention_mask": [[1] * len(ids) for ids in chosen]})
+
+
+def recipe(method: str, w_bits: int | None, smoothing_strength: float):
+    if method == "gptq":
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True, strategy="channel")
+        return GPTQModifier(config_groups={"weights": QuantizationScheme(targets=["Linear"], weights=weights)},
+                            ignore=["lm_head"])  # the paper keeps the head in full precision
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    return SmoothQuantModifier(smoothing_strength=smoothing_strength)
+
+
+def check_baseline_args(method: str, w_bits: int | None, smoothing_strength: float) -> None:
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; use one of {', '.join(BASELINES)}")
+    if method == "gptq" and not (w_bits is not None and 2 <= w_bits <= 8):
+        raise ValueError(f"GPTQ needs --w-bits between 2 and 8, not {w_bits}")
+    if not 0 <= smoothing_strength <= 1:
+        raise ValueError(f"--smoothing-strength {smoothing_strength} must lie in [0, 1] (SmoothQuant's alpha)")
+
+
+def run_baseline(method: str, model: str | None, calibration: str | Path, output_dir: str | Path,
+                 w_bits: int | None = None, num_samples: int = 128, max_length: int = 2048,
+                 smoothing_strength: float = 0.5, seed: int = 0) -> Path:
+    """Run one baseline on a float model and save the result to `output_dir` (written whole or not at all)."""
+    check_baseline_args(method, w_bits, smoothing_strength)
+    try:
+        from llmcompressor import oneshot
+    except ImportError:
+        raise ImportError(f"llm-compressor is not installed in this environment; run {INSTALL_HINT} and use its "
+                          "python (.venv-baselines/bin/python)") from None
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        raise FileExistsError(f"{output_dir} already exists; pass another --output or delete it")
+    path = resolve_model_path(model)
+    if saved_config(path).get("llm_qat"):
+        raise ValueError(f"{model} is a QAT checkpoint; a baseline starts from a full-precision model")
+    tokenizer = load_tokenizer(path)
+    float_model = load_model(path, quantized=False)
+    teacher = TeacherIdentity.of(model_display_name(model), tokenizer, float_model.config.vocab_size)
+    dataset = calibration_dataset(calibration, tokenizer, teacher, num_samples, max_length, seed)
+    logger.info("%s on %s: %d calibration sequences of up to %d tokens from %s", method.upper(),
+                model_display_name(model), len(dataset), max_length, calibration)
+    torch.manual_seed(seed)
+    oneshot(model=float_model, tokenizer=tokenizer, dataset=dataset, recipe=recipe(method, w_bits, smoothing_strength),
+            num_calibration_samples=len(dataset), max_seq_length=max_length, shuffle_calibration_samples=False)
+
+    # A plain float model with the new weights: llm-compressor leaves its scales and quantization config on the
+    # modules, which the repo's loaders (and the main environment's compressed-tensors) should not see.
+    result = load_model(path, quantized=False)
+    changed = float_model.state_dict()
+    with torch.no_grad():
+        for name, tensor in result.state_dict().items():
+            tensor.copy_(changed[name])
+    settings = {"method": method, "model": model_display_name(model), "calibration": str(calibration),
+                "num_samples": len(dataset), "max_length": max_length, "seed": seed, "library": "llmcompressor "
+                + _version("llmcompressor")}
+    settings.update({"w_bits": w_bits} if method == "gptq" else {"smoothing_strength": smoothing_strength})
+    setattr(result.config, BASELINE_KEY, settings)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        result.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Saved the %s model to %s (%s)", method.upper(), output_dir, json.dumps(settings))
+    return output_dir
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+    return version(package)

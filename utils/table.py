@@ -1,0 +1,170 @@
+"""The paper's tables from evaluate.py result records (issue #15): written here only.
+
+`write_grid` writes table.md, table.csv and table.png in the layout of the paper's Table 1 turned for a grid: one
+row per W-A-KV setting, and for every metric one column per method (FP, RTN, GPTQ, SmoothQuant, LLM-QAT), then the
+share of the RTN -> FP perplexity gap each QAT cell closes. `write_ablation` writes ablation.md / ablation.csv: one
+row per training setting (data source, loss) at one W-A-KV, as the paper's Tables 3 and 4.
+
+A cell is a result record (a dict with `metrics`) or a status string: "not installed", "failed", "n/a" (the
+method does not apply to the row, e.g. SmoothQuant without activation quantization) or "pending".
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from utils.compare import METHOD_LABELS, TASK_LABELS, gap_closed
+
+GRID_METHODS = ("fp", "rtn", "gptq", "smoothquant", "qat")
+TABLE_METHOD_LABELS = {**METHOD_LABELS, "qat": "LLM-QAT"}
+# (key, header, scale, format); "avg_accuracy" is computed from the task accuracies.
+METRICS = (
+    ("avg_accuracy", "Avg. accuracy (%)", 100, "{:.1f}"),
+    ("heldout_perplexity", "Held-out ppl", 1, "{:.2f}"),
+    ("perplexity", "Text ppl", 1, "{:.2f}"),
+    ("kl_to_teacher", "KL to teacher", 1, "{:.3f}"),
+    ("top1_agreement", "Top-1 agreement (%)", 100, "{:.1f}"),
+)
+GAP_METRICS = (("heldout_perplexity", "held-out"), ("perplexity", "text"))
+PENDING = "pending"
+
+
+def row_bits(row: str) -> tuple[int, int, int]:
+    """`4-8-4` -> (4, 8, 4); ValueError naming the fix otherwise."""
+    parts = row.split("-")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"row {row!r} is not W-A-KV bits such as 4-8-4; set ROWS to e.g. \"4-8-4 8-8-8\"")
+    return tuple(int(part) for part in parts)
+
+
+def metric_value(cell, key: str) -> float | None:
+    if not isinstance(cell, dict):
+        return None
+    metrics = cell["metrics"]
+    if key == "avg_accuracy":
+        accuracies = [value for name, value in metrics.items() if name.endswith("/acc")]
+        return sum(accuracies) / len(accuracies) if accuracies else None
+    return metrics.get(key)
+
+
+def formatted(cell, key: str, scale: float, fmt: str) -> str:
+    if isinstance(cell, str):
+        return cell
+    value = metric_value(cell, key)
+    return "–" if value is None else fmt.format(scale * value)
+
+
+def used_metrics(cells) -> list[tuple]:
+    return [metric for metric in METRICS if any(metric_value(cell, metric[0]) is not None for cell in cells)]
+
+
+def qat_gap(cells: dict, key: str) -> str:
+    fp, rtn, qat = (cells.get(method) for method in ("fp", "rtn", "qat"))
+    if not all(isinstance(cell, dict) and key in cell["metrics"] for cell in (fp, rtn, qat)):
+        return "–"
+    share = gap_closed(fp["metrics"], rtn["metrics"], qat["metrics"], key)
+    return "no gap" if math.isnan(share) else f"{share:.0%}"
+
+
+def grid_rows(grid: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: W-A-KV, then metric x method, then the gaps QAT closes. `grid[row][method]` is a cell."""
+    cells = [cell for row in grid.values() for cell in row.values()]
+    metrics = used_metrics(cells)
+    header = ["#Bits (W-A-KV)"]
+    header += [f"{title}: {TABLE_METHOD_LABELS[m]}" for _, title, _, _ in metrics for m in GRID_METHODS]
+    header += [f"QAT gap closed ({where})" for key, where in GAP_METRICS if any(key == m[0] for m in metrics)]
+    rows = []
+    for row, row_cells in grid.items():
+        line = [row]
+        line += [formatted(row_cells.get(method, "n/a"), key, scale, fmt)
+                 for key, _, scale, fmt in metrics for method in GRID_METHODS]
+        line += [qat_gap(row_cells, key) for key, _ in GAP_METRICS if any(key == m[0] for m in metrics)]
+        rows.append(line)
+    return header, rows
+
+
+def markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def per_metric_markdown(grid: dict[str, dict]) -> str:
+    """The same numbers as one small table per metric (rows = bits, columns = methods): easier to read."""
+    cells = [cell for row in grid.values() for cell in row.values()]
+    parts = []
+    for key, title, scale, fmt in used_metrics(cells):
+        header = ["#Bits (W-A-KV)"] + [TABLE_METHOD_LABELS[m] for m in GRID_METHODS]
+        gap = [where for gap_key, where in GAP_METRICS if gap_key == key]
+        header += [f"QAT gap closed ({gap[0]})"] if gap else []
+        rows = [[row] + [formatted(row_cells.get(m, "n/a"), key, scale, fmt) for m in GRID_METHODS]
+                + ([qat_gap(row_cells, key)] if gap else []) for row, row_cells in grid.items()]
+        parts.append(f"### {title}\n\n{markdown(header, rows)}")
+    return "\n".join(parts)
+
+
+def write_csv(header, rows, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def plot_grid(grid: dict[str, dict], path: Path, title: str) -> None:
+    """One panel per metric: grouped bars per W-A-KV row, one bar per method (perplexities on a log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    cells = [cell for row in grid.values() for cell in row.values()]
+    metrics = used_metrics(cells)
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    width = 0.8 / len(GRID_METHODS)
+    rows = list(grid)
+    for ax, (key, name, scale, _) in zip(axes[0], metrics):
+        for i, method in enumerate(GRID_METHODS):
+            values = [metric_value(grid[row].get(method), key) for row in rows]
+            ax.bar([x + (i - (len(GRID_METHODS) - 1) / 2) * width for x in range(len(rows))],
+                   [float("nan") if v is None else scale * v for v in values], width,
+                   label=TABLE_METHOD_LABELS[method])
+        ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+        ax.set_title(name)
+        if "ppl" in name:
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_grid(grid: dict[str, dict], out: Path, title: str, notes: str) -> Path:
+    """table.md (the wide table, then one table per metric, then `notes`), table.csv and table.png in `out`."""
+    header, rows = grid_rows(grid)
+    (out / "table.md").write_text(f"# {title}\n\n{markdown(header, rows)}\n{per_metric_markdown(grid)}\n{notes}\n")
+    write_csv(header, rows, out / "table.csv")
+    plot_grid(grid, out / "table.png", title)
+    return out / "table.md"
+
+
+def write_ablation(settings: dict[str, dict], out: Path, title: str, notes: str) -> Path:
+    """ablation.md / ablation.csv: one row per training setting ({"Data: greedy": cell, ...}), metrics as columns,
+    the last column the share of the RTN -> FP held-out gap closed (RTN and FP are rows named so)."""
+    cells = list(settings.values())
+    metrics = used_metrics(cells)
+    header = ["Setting"] + [name for _, name, _, _ in metrics] + ["Gap closed (held-out)"]
+    reference = {"fp": settings.get("FP"), "rtn": settings.get("RTN")}
+    rows = []
+    for name, cell in settings.items():
+        gap = qat_gap({**reference, "qat": cell}, "heldout_perplexity") if name not in ("FP", "RTN") else ""
+        rows.append([name] + [formatted(cell, key, scale, fmt) for key, _, scale, fmt in metrics] + [gap])
+    (out / "ablation.md").write_text(f"# {title}\n\n{markdown(header, rows)}\n{notes}\n")
+    write_csv(header, rows, out / "ablation.csv")
+    return out / "ablation.md"
+
+
+def task_names(tasks: list[str]) -> str:
+    return ", ".join(TASK_LABELS.get(task, task) for task in tasks) or "none"
