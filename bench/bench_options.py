@@ -32,10 +32,9 @@ def options(group_size: int) -> list[QATConfig]:
             for placement in ("pre_rope", "post_rope") for group in (None, group_size)]
 
 
-def demo_results(config: QATConfig, out: Path, **settings: str) -> dict[str, dict]:
-    """RTN and QAT metrics of one setting, from `scripts/demo.sh` (reused when its result files exist); `settings`
-    are more of its variables (LEARNING_RATE="2e-4", ...)."""
-    env = {**os.environ, **settings, "OUT": str(out), "W_BITS": str(config.w_bits), "A_BITS": str(config.a_bits),
+def demo_results(config: QATConfig, out: Path) -> dict[str, dict]:
+    """RTN and QAT metrics of one setting, from `scripts/demo.sh` (reused when its result files exist)."""
+    env = {**os.environ, "OUT": str(out), "W_BITS": str(config.w_bits), "A_BITS": str(config.a_bits),
            "KV_BITS": str(config.kv_bits), "W_GROUP_SIZE": str(config.w_group_size or ""),
            "KV_PLACEMENT": config.kv_placement, "RECIPE": config.recipe, "ROTATE": config.rotate,
            "PYTHON": sys.executable}

@@ -18,7 +18,6 @@ EPOCHS=${EPOCHS:-1}
 LEARNING_RATE=${LEARNING_RATE:-1e-4}
 BATCH_SIZE=${BATCH_SIZE:-4}
 SEED=${SEED:-0}
-EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}          # more train.py flags, e.g. "--warmup_ratio 0.1" (space-separated)
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
@@ -26,7 +25,7 @@ BITS="W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PL
 rtn_options=(--kv-placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && rtn_options+=(--w-group-size "$W_GROUP_SIZE")
 DATA_DIR="$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}"
-QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$(printf '%s' "$EXTRA_TRAIN_ARGS" | tr -s ' ' '-' | tr -d '/' | sed 's/^-*/-/;s/^-$//')"
+QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}"
 RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS"
 TIMINGS="$OUT/timings.md"
@@ -69,7 +68,7 @@ train() {
   DATA="$DATA_DIR/all.jsonl" OUTPUT_DIR="$QAT_DIR" CPU_MAX_LENGTH="$SEQ_LEN" CPU_BATCH_SIZE="$BATCH_SIZE" \
     CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" W_GROUP_SIZE="$W_GROUP_SIZE" \
     KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" ROTATE="$ROTATE" \
-    bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED" $EXTRA_TRAIN_ARGS
+    bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED"
 }
 
 stage "1. environment and embedded model" "$PYTHON" -c "from utils.loading import embedded_model_dir; print('[demo] teacher cached at', embedded_model_dir())"

@@ -128,6 +128,7 @@ class Table:
         self.model_name = model_display_name(args.model)
         self.gpu = torch.cuda.is_available()
         self._baselines_installed = None
+        self.cells = set()  # the names of this table's runs, computed now or before: its time per part
 
     def baselines_installed(self) -> bool:
         """Whether --baseline-python has llm-compressor (asked once, and only when a baseline must be made)."""
@@ -144,6 +145,7 @@ class Table:
     def run(self, name: str, part: str, command: list[str], env: dict | None = None) -> bool:
         """One command, logged to logs/NAME.log, timed under `part`; False if it failed."""
         log = self.out / "logs" / f"{name}.log"
+        self.cells.add(name)
         print(f"[table] {name}: running (log {log})", flush=True)
         start = time.time()
         with log.open("w") as f:
@@ -159,6 +161,10 @@ class Table:
         self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
         print(f"[table] {name}: done in {seconds:.0f} s", flush=True)
         return True
+
+    def cached(self, name: str) -> None:
+        self.cells.add(name)
+        print(f"[table] {name}: cached", flush=True)
 
     def evaluation(self, name: str, model: str, bits: str | None = None) -> dict | str:
         """An evaluate.py result, computed once for these settings."""
@@ -176,7 +182,7 @@ class Table:
                 return FAILED
             record = read_result(path)
         else:
-            print(f"[table] {name}: cached", flush=True)
+            self.cached(name)
         return record
 
     # -- data -------------------------------------------------------------------------------------------------
@@ -191,6 +197,7 @@ class Table:
             settings.update(text=str(Path(args.real_text).resolve()), size=Path(args.real_text).stat().st_size)
         folder = self.out / "data" / f"{mode}-{settings_key(**settings)}"
         if (folder / "all.jsonl").is_file():
+            self.cells.update((f"data-{mode}-generate", f"data-{mode}-merge"))
             print(f"[table] data {mode}: cached ({folder})", flush=True)
             return folder
         if mode == "real":
@@ -235,7 +242,7 @@ class Table:
         name = f"{method}{f'-w{w_bits}' if w_bits else ''}-{settings_key(**settings)}"
         folder = self.out / "models" / name
         if (folder / "config.json").is_file():
-            print(f"[table] {name}: cached", flush=True)
+            self.cached(name)
             return folder
         if not self.baselines_installed():
             return NOT_INSTALLED
@@ -253,7 +260,7 @@ class Table:
         name = f"qat-{bits}{'-' + loss if loss != 'kd' else ''}-{settings_key(**settings)}"
         folder = self.out / "models" / name
         if (folder / "config.json").is_file():
-            print(f"[table] {name}: cached", flush=True)
+            self.cached(name)
             return folder
         env = {"MODEL": "" if self.model_name == model_display_name(None) else args.model,
                "DATA": str(data / "all.jsonl"), "OUTPUT_DIR": str(folder), "PYTHON": args.python,
@@ -355,9 +362,10 @@ class Table:
         data = (f"{args.num_start_tokens} start tokens x {SEQUENCES_PER_START}" if args.num_start_tokens
                 else "every start token") + f", {args.seq_len} tokens each"
         parts = {}
-        for timing in self.timings.values():
+        for timing in (self.timings[name] for name in self.cells if name in self.timings):
             parts[timing["part"]] = parts.get(timing["part"], 0) + timing["seconds"]
         spent = "; ".join(f"{part} {seconds / 60:.1f} min" for part, seconds in parts.items())
+        spent += f"; in all {sum(parts.values()) / 60:.0f} min" if parts else ""
         return "\n".join([
             f"Teacher: {self.model_name}. Made {date.today()} on {device}; time per part (cells computed so far): "
             f"{spent or 'none yet'}.",

@@ -7,6 +7,8 @@
 - `tiny_input_ids`: a fixed batch of token ids, shape [2, 12], for `tiny_llama`.
 - `make_tiny_model(config, dtype=torch.float32, seed=0)`: the same recipe for any config (Llama, Qwen2,
   Mistral, ...) and dtype; the same seed gives the same weights, so two calls give two identical models.
+- `save_tiny_teacher(path)`: a tiny random Llama saved with the embedded default's tokenizer (generation, training and
+  evaluation need real text), for tests that run the command lines on a model directory.
 - `load_script(name)`: a command line of `scripts/` (e.g. "evaluate") as a module, to call its `main(argv)`.
 """
 import importlib.util
@@ -28,6 +30,20 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def save_tiny_teacher(path: Path) -> Path:
+    from transformers import LlamaForCausalLM
+
+    from utils.loading import load_tokenizer
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def _make_tiny_model(config, dtype=torch.float32, seed=0):

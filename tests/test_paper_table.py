@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from conftest import load_script
+from conftest import load_script, save_tiny_teacher
 from utils.cli import CommandError
-from utils.loading import load_tokenizer
 from utils.table import grid_rows, row_bits, write_ablation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,16 +50,7 @@ def test_ablation_table_rows_are_settings_with_their_gap(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    """A tiny random Llama with the embedded default's tokenizer (generation and evaluation need real text)."""
-    root = tmp_path_factory.mktemp("teacher")
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def table_args(teacher, out, *extra):
@@ -77,7 +67,7 @@ def test_two_row_grid_runs_caches_resumes_and_reports_a_failing_cell(tiny_teache
     """Baselines through a stand-in environment that has `llmcompressor` but whose runs fail: those cells say
     'failed' and the table is still written; a second call runs only what failed; a lost cell is run again."""
     fake = tmp_path / "python"
-    fake.write_text(f"#!/bin/sh\ncase \"$*\" in *'import llmcompressor'*) exit 0;; esac\n"
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *'import llmcompressor'*) exit 0;; esac\n"
                     "echo 'baseline.py: error: stand-in failure' >&2\nexit 3\n")
     fake.chmod(0o755)
     out = tmp_path / "table"
@@ -198,3 +188,26 @@ def test_baseline_without_llm_compressor_names_the_fix(tiny_teacher, calibration
     with pytest.raises(ImportError, match="make baselines"):
         baselines.run_baseline("gptq", str(tiny_teacher), calibration, tmp_path / "out", w_bits=4)
     assert not (tmp_path / "out").exists()
+
+
+def test_ablations_train_on_each_data_source_and_loss_and_write_their_table(tiny_teacher, tmp_path, capsys):
+    """Greedy, sampled and real-text data, and the next-token loss, each train once at the ablation bits; the
+    hybrid / KD row is the grid's own cell (not trained again)."""
+    real = tmp_path / "real.txt"
+    real.write_text("The river starts as a thin stream high in the mountains and grows as it flows. " * 40)
+    out = tmp_path / "table"
+    load_script("paper_table").main(["--model", str(tiny_teacher), "--rows", "4-8-4", "--out", str(out),
+                                     "--num-start-tokens", "2", "--heldout-start-tokens", "1", "--seq-len", "16",
+                                     "--tasks", "none", "--baseline-python", str(tmp_path / "missing"),
+                                     "--ablations", "data", "loss", "--real-text", str(real)])
+    trained = [name.rsplit("-", 1)[0] for name in ran(capsys.readouterr().out) if name.startswith("qat-4-8-4")]
+    assert trained == ["qat-4-8-4"] * 2 + ["qat-4-8-4"] * 2 * 3 + ["qat-4-8-4-ce"] * 2  # grid; 3 data; the loss
+    greedy = [json.loads(line) for line in next((out / "data").glob("greedy-*")).joinpath("all.jsonl").open()]
+    assert {record["greedy_tokens"] for record in greedy} == {16}
+    real_lines = [json.loads(line) for line in next((out / "data").glob("real-*")).joinpath("all.jsonl").open()]
+    assert {len(record["input_ids"]) for record in real_lines} == {16}
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in (out / "ablation.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| Setting")]
+    assert rows == ["FP", "RTN", "Data: generated, hybrid (paper)", "Data: generated, greedy",
+                    "Data: generated, sampled", "Data: real text (real.txt)", "Loss: KD on logits (paper)",
+                    "Loss: next-token labels"]

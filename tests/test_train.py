@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import train
+from conftest import save_tiny_teacher
 from models import QuantLinear
-from utils.loading import load_model, load_tokenizer
+from utils.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,13 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_teacher_dir(tmp_path_factory):
     """A tiny random Llama saved with the embedded default's tokenizer, plus a few token sequences."""
     root = tmp_path_factory.mktemp("tiny")
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
+    save_tiny_teacher(root / "teacher")
     with (root / "data.jsonl").open("w") as f:
         for row in range(4):
             f.write(json.dumps({"input_ids": torch.randint(0, 1000, (12 + row,)).tolist()}) + "\n")
