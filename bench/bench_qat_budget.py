@@ -24,7 +24,7 @@ OPTIONS = {"lr": "--learning-rate", "epochs": "--epochs", "batch": "--batch-size
 DEFAULT_SETTINGS = ("lr=1e-4", "lr=3e-4", "lr=1e-3", "lr=3e-4,epochs=2")
 COLUMNS = ("Held-out ppl: RTN", "Held-out ppl: LLM-QAT", "Held-out ppl: FP", "QAT gap closed (held-out)",
            "Text ppl: RTN", "Text ppl: LLM-QAT", "Text ppl: FP", "QAT gap closed (text)", "KL to teacher: LLM-QAT",
-           "Top-1 agreement (%): LLM-QAT")
+           "Top-1 agree. (%): LLM-QAT")
 
 
 def table_flags(setting: str) -> list[str]:

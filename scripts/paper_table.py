@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from models.quantize import QATConfig
+from models.rotations import ROTATIONS
 from utils.cli import ensure_writable_dir, user_errors
 from utils.harness import PAPER_TASKS, tasks_loadable
 from utils.loading import load_tokenizer, model_display_name, resolve_model_path
 from utils.metrics import token_sequences
 from utils.records import plain_sequence_line
-from utils.table import GRID_METHODS, PENDING, row_bits, task_names, write_ablation, write_grid
+from utils.table import GRID_METHODS, PENDING, ROTATED_METHODS, row_bits, task_names, write_ablation, write_grid
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS = ("4-8-4", "4-8-8", "4-6-16", "4-8-16", "4-16-16", "8-8-4", "8-8-8", "8-8-16")  # the released table
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     parser.add_argument("--calibration-samples", type=int, default=128, help="GPTQ / SmoothQuant calibration "
                                                                               "sequences (generated data)")
     parser.add_argument("--smoothing-strength", type=float, default=0.5, help="SmoothQuant's alpha")
+    parser.add_argument("--rotate", default="none", choices=ROTATIONS,
+                        help="also RTN and LLM-QAT after this rotation (issue #14, README 'Rotations'), as two more "
+                             "methods; rows with KV below 16 bits then quantize keys after RoPE, as rotation needs")
     parser.add_argument("--ablations", nargs="*", default=[], choices=ABLATIONS,
                         help="data: greedy / sampled (/ real text) vs hybrid; loss: next-token labels vs KD")
     parser.add_argument("--ablation-bits", default="4-8-4", help="the W-A-KV of the ablation table")
@@ -101,6 +105,11 @@ def check_args(args) -> None:
         raise ValueError("--real-text is a data ablation; add --ablations data")
     resolve_model_path(args.model)  # a bad model path fails now, not after the data synthesis
     ensure_writable_dir(args.out, "--out")
+
+
+def kv_placement(bits: str, rotate: str) -> str:
+    """The paper's pre-RoPE keys, except where rotation quantizes keys: after RoPE, in the rotated basis (R3)."""
+    return "post_rope" if rotate != "none" and row_bits(bits)[2] < 16 else "pre_rope"
 
 
 def settings_key(**settings) -> str:
@@ -166,16 +175,16 @@ class Table:
         self.cells.add(name)
         print(f"[table] {name}: cached", flush=True)
 
-    def evaluation(self, name: str, model: str, bits: str | None = None) -> dict | str:
-        """An evaluate.py result, computed once for these settings."""
-        settings = dict(self.eval_settings, model=str(model), bits=bits)
+    def evaluation(self, name: str, model: str, bits: str | None = None, options: tuple = ()) -> dict | str:
+        """An evaluate.py result, computed once for these settings (`options`: evaluate.py's RTN flags)."""
+        settings = dict(self.eval_settings, model=str(model), bits=bits, **({"options": options} if options else {}))
         name = f"{name}-{settings_key(**settings)}"
         path = self.out / "cells" / f"{name}.json"
         record = read_result(path)
         if record is None:
             command = [self.args.python, "scripts/evaluate.py", str(model), *(bits.split("-") if bits else []),
                        *self.task_flags, "--heldout", str(self.heldout), "--teacher", self.args.model,
-                       "--max-length", str(self.args.seq_len), "--output", str(path)]
+                       "--max-length", str(self.args.seq_len), "--output", str(path), *options]
             if self.args.text_file:
                 command += ["--text-file", self.args.text_file]
             if not self.run(name, "evaluation", command):
@@ -253,11 +262,13 @@ class Table:
                     else ["--smoothing-strength", str(self.args.smoothing_strength)])
         return folder if self.run(name, "baselines", command) else FAILED
 
-    def qat_model(self, bits: str, data: Path, loss: str = "kd") -> Path | str:
+    def qat_model(self, bits: str, data: Path, loss: str = "kd", rotate: str = "none") -> Path | str:
         args = self.args
         settings = dict(bits=bits, model=self.model_name, data=str(data), len=args.seq_len, lr=args.learning_rate,
                         epochs=args.epochs, batch=args.batch_size, seed=args.seed, loss=loss, gpu=self.gpu)
-        name = f"qat-{bits}{'-' + loss if loss != 'kd' else ''}-{settings_key(**settings)}"
+        settings.update({"rotate": rotate} if rotate != "none" else {})
+        name = f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}-" \
+               f"{settings_key(**settings)}"
         folder = self.out / "models" / name
         if (folder / "config.json").is_file():
             self.cached(name)
@@ -265,17 +276,24 @@ class Table:
         env = {"MODEL": "" if self.model_name == model_display_name(None) else args.model,
                "DATA": str(data / "all.jsonl"), "OUTPUT_DIR": str(folder), "PYTHON": args.python,
                "CPU_MAX_LENGTH": str(args.seq_len), "CPU_BATCH_SIZE": str(args.batch_size),
-               "CPU_LEARNING_RATE": args.learning_rate, "CPU_EPOCHS": str(args.epochs)}
+               "CPU_LEARNING_RATE": args.learning_rate, "CPU_EPOCHS": str(args.epochs),
+               # run_train.sh's quantizer options, set here so that none leaks in from the user's environment
+               "W_GROUP_SIZE": "", "RECIPE": "paper", "ROTATE": rotate, "KV_PLACEMENT": kv_placement(bits, rotate)}
         command = ["bash", "scripts/run_train.sh", *bits.split("-"), "--save_strategy", "no", "--seed", str(args.seed),
                    "--loss", loss]
         return folder if self.run(name, "QAT training", command, env) else FAILED
 
-    def qat_cell(self, bits: str, data, loss: str = "kd") -> dict | str:
+    def qat_cell(self, bits: str, data, loss: str = "kd", rotate: str = "none") -> dict | str:
         if not isinstance(data, Path):
             return data
-        model = self.qat_model(bits, data, loss)
-        return self.evaluation(f"qat-{bits}{'-' + loss if loss != 'kd' else ''}", model) if isinstance(model, Path) \
-            else model
+        model = self.qat_model(bits, data, loss, rotate)
+        name = f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
+        return self.evaluation(name, model) if isinstance(model, Path) else model
+
+    def rotated_rtn_cell(self, bits: str) -> dict | str:
+        rotate = self.args.rotate
+        return self.evaluation(f"rtn-{bits}-{rotate}", self.args.model, bits,
+                               ("--rotate", rotate, "--kv-placement", kv_placement(bits, rotate)))
 
     # -- the table --------------------------------------------------------------------------------------------
     def choose_tasks(self) -> tuple[list[str], str | None, str]:
@@ -311,7 +329,8 @@ class Table:
         self.heldout = self.training_data["hybrid"] / "heldout.jsonl"
         self.eval_settings = dict(tasks=tasks, include_path=include_path, text=args.text_file, len=args.seq_len,
                                   heldout=str(self.heldout), teacher=self.model_name)
-        grid = {row: {method: PENDING for method in GRID_METHODS} for row in args.rows}
+        methods = GRID_METHODS + (ROTATED_METHODS if args.rotate != "none" else ())
+        grid = {row: {method: PENDING for method in methods} for row in args.rows}
         self.grid = grid
         fp = self.evaluation("fp", args.model)
         for row in args.rows:  # cheap cells first: a stopped run still has a useful table
@@ -333,6 +352,11 @@ class Table:
         for row in args.rows:
             grid[row]["qat"] = self.qat_cell(row, self.training_data["hybrid"])
             self.write()
+        if args.rotate != "none":
+            for row in args.rows:
+                grid[row]["rtn_rotated"] = self.rotated_rtn_cell(row)
+                grid[row]["qat_rotated"] = self.qat_cell(row, self.training_data["hybrid"], rotate=args.rotate)
+                self.write()
         if args.ablations:
             self.ablations(fp)
 
@@ -378,9 +402,12 @@ class Table:
             "row's activation and KV quantizers are then applied as for RTN. n/a: SmoothQuant has nothing to smooth "
             "without activation quantization.",
             f"Held-out ppl / KL / top-1: on the held-out generated sequences; Text ppl: "
-            f"{args.text_file or 'the built-in paragraph of real text'}. " + self.tasks_note,
+            f"{args.text_file or 'the built-in paragraph of real text'}; Wiki ppl (when TASKS include wikitext): word "
+            "perplexity. " + self.tasks_note,
             "QAT gap closed: (RTN ppl - QAT ppl) / (RTN ppl - FP ppl).",
-        ]) + "\n"
+        ] + ([f"+ rotation: {args.rotate} rotations folded into the float model before quantizing (README "
+              "'Rotations'); in rows with KV below 16 bits keys are then quantized after RoPE. Its gap is a share of "
+              "the same, unrotated RTN -> FP gap."] if args.rotate != "none" else [])) + "\n"
 
     def write(self) -> None:
         title = f"LLM-QAT and training-free baselines: {self.model_name}"

@@ -4,6 +4,7 @@
 # Every setting is a variable (defaults in scripts/paper_table.py --help), e.g.
 #   ROWS="4-8-4 8-8-8" bash scripts/paper_table.sh                       # two rows
 #   ABLATIONS="data loss" REAL_TEXT=wiki.txt bash scripts/paper_table.sh # and the ablation table
+#   ROWS="4-4-4 4-8-4" ROTATE=hadamard bash scripts/paper_table.sh       # and RTN / LLM-QAT + rotation
 #   MODEL=/models/llama-7b bash scripts/paper_table.sh                   # on GPUs: the paper's sizes
 # A rerun resumes: finished cells are kept (table_output/cells, models, data) and only printed again.
 # GPTQ and SmoothQuant need llm-compressor in its own environment: make baselines.
@@ -28,6 +29,7 @@ add --text-file "${TEXT_FILE:-}"
 add --baseline-python "${BASELINE_PYTHON:-}"
 add --calibration-samples "${CALIBRATION_SAMPLES:-}"
 add --smoothing-strength "${SMOOTHING_STRENGTH:-}"
+add --rotate "${ROTATE:-}"
 add --ablations "${ABLATIONS:-}"
 add --ablation-bits "${ABLATION_BITS:-}"
 add --real-text "${REAL_TEXT:-}"

@@ -38,6 +38,16 @@ def test_grid_table_has_a_column_per_method_and_metric_and_the_gap_qat_closes():
     assert rows[1][-3:] == ["n/a", "30.00", "0%"]
 
 
+def test_rotated_methods_are_columns_with_their_own_share_of_the_unrotated_gap():
+    fp, rtn, qat = record(heldout_perplexity=10.0), record(heldout_perplexity=30.0), record(heldout_perplexity=14.0)
+    grid = {"4-4-4": {"fp": fp, "rtn": rtn, "gptq": "n/a", "smoothquant": "n/a", "qat": qat,
+                      "rtn_rotated": record(heldout_perplexity=25.0), "qat_rotated": record(heldout_perplexity=12.0)}}
+    header, rows = grid_rows(grid)
+    assert header[-4:] == ["Held-out ppl: RTN + rotation", "Held-out ppl: LLM-QAT + rotation",
+                           "QAT gap closed (held-out)", "QAT + rotation gap closed (held-out)"]
+    assert rows[0][-4:] == ["25.00", "12.00", "80%", "90%"]  # (30-12)/(30-10): against the unrotated RTN
+
+
 def test_ablation_table_rows_are_settings_with_their_gap(tmp_path):
     rows = {"FP": record(heldout_perplexity=10.0, top1_agreement=1.0), "RTN": record(heldout_perplexity=20.0),
             "Loss: next-token labels": record(heldout_perplexity=15.0, top1_agreement=0.5)}
@@ -45,7 +55,7 @@ def test_ablation_table_rows_are_settings_with_their_gap(tmp_path):
     lines = (tmp_path / "ablation.md").read_text().splitlines()
     assert "| Loss: next-token labels | 15.00 | 50.0 | 50% |" in lines
     assert (tmp_path / "ablation.csv").read_text().splitlines()[0] == \
-        "Setting,Held-out ppl,Top-1 agreement (%),Gap closed (held-out)"
+        "Setting,Held-out ppl,Top-1 agree. (%),Gap closed (held-out)"
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +111,29 @@ def test_two_row_grid_runs_caches_resumes_and_reports_a_failing_cell(tiny_teache
                                 "--learning-rate", "1e-3"))
     assert [name.rsplit("-", 1)[0] for name in ran(capsys.readouterr().out)] == \
         ["qat-4-8-4", "qat-4-8-4", "qat-8-8-16", "qat-8-8-16"]
+
+
+def test_rotation_adds_rtn_and_qat_cells_and_the_users_quantizer_variables_do_not_leak_in(tiny_teacher, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """--rotate adds RTN + rotation and LLM-QAT + rotation (keys after RoPE at KV4, as rotation needs); the plain QAT
+    cell stays the paper's even when run_train.sh's option variables are set in the caller's environment."""
+    for name, value in (("W_GROUP_SIZE", "8"), ("KV_PLACEMENT", "post_rope"), ("RECIPE", "deploy"), ("ROTATE", "random")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "table"
+    load_script("paper_table").main(["--model", str(tiny_teacher), "--rows", "4-8-4", "--out", str(out),
+                                     "--num-start-tokens", "2", "--heldout-start-tokens", "1", "--seq-len", "16",
+                                     "--tasks", "none", "--baseline-python", str(tmp_path / "missing"),
+                                     "--rotate", "hadamard"])
+    assert [name.rsplit("-", 1)[0] for name in ran(capsys.readouterr().out)][-5:] == [
+        "qat-4-8-4", "qat-4-8-4", "rtn-4-8-4-hadamard", "qat-4-8-4-hadamard", "qat-4-8-4-hadamard"]
+    configs = {path.name.rsplit("-", 1)[0]: json.loads((path / "config.json").read_text())["llm_qat"]
+               for path in (out / "models").iterdir()}
+    assert {name: (c["rotate"], c["kv_placement"], c["recipe"], c["w_group_size"]) for name, c in configs.items()} == {
+        "qat-4-8-4": ("none", "pre_rope", "paper", None), "qat-4-8-4-hadamard": ("hadamard", "post_rope", "paper", None)}
+    rotated_rtn = json.loads(next((out / "cells").glob("rtn-4-8-4-hadamard-*.json")).read_text())
+    assert rotated_rtn["label"] == "4-8-4k+hadamard"
+    header = next(csv.reader((out / "table.csv").open()))
+    assert "Held-out ppl: LLM-QAT + rotation" in header and "QAT + rotation gap closed (held-out)" in header
 
 
 @pytest.mark.parametrize("extra, message", [

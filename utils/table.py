@@ -1,8 +1,8 @@
 """The paper's tables from evaluate.py result records (issue #15): written here only.
 
 `write_grid` writes table.md, table.csv and table.png in the layout of the paper's Table 1 turned for a grid: one
-row per W-A-KV setting, and for every metric one column per method (FP, RTN, GPTQ, SmoothQuant, LLM-QAT), then the
-share of the RTN -> FP perplexity gap each QAT cell closes. `write_ablation` writes ablation.md / ablation.csv: one
+row per W-A-KV setting, and for every metric one column per method (FP, RTN, GPTQ, SmoothQuant, LLM-QAT, and RTN /
+LLM-QAT + rotation where the grid has them), then the share of the RTN -> FP perplexity gap each QAT cell closes. `write_ablation` writes ablation.md / ablation.csv: one
 row per training setting (data source, loss) at one W-A-KV, as the paper's Tables 3 and 4.
 
 A cell is a result record (a dict with `metrics`) or a status string: "not installed", "failed", "n/a" (the
@@ -14,18 +14,15 @@ import csv
 import math
 from pathlib import Path
 
-from utils.compare import METHOD_LABELS, TASK_LABELS, gap_closed
+from utils.compare import METHOD_LABELS, OTHER_COLUMNS, TASK_LABELS, gap_closed
 
 GRID_METHODS = ("fp", "rtn", "gptq", "smoothquant", "qat")
-TABLE_METHOD_LABELS = {**METHOD_LABELS, "qat": "LLM-QAT"}
-# (key, header, scale, format); "avg_accuracy" is computed from the task accuracies.
-METRICS = (
-    ("avg_accuracy", "Avg. accuracy (%)", 100, "{:.1f}"),
-    ("heldout_perplexity", "Held-out ppl", 1, "{:.2f}"),
-    ("perplexity", "Text ppl", 1, "{:.2f}"),
-    ("kl_to_teacher", "KL to teacher", 1, "{:.3f}"),
-    ("top1_agreement", "Top-1 agreement (%)", 100, "{:.1f}"),
-)
+ROTATED_METHODS = ("rtn_rotated", "qat_rotated")  # the table's --rotate: issue #14's rotations, beside the paper's
+TABLE_METHOD_LABELS = {**METHOD_LABELS, "qat": "LLM-QAT", "rtn_rotated": "RTN + rotation",
+                       "qat_rotated": "LLM-QAT + rotation"}
+GAP_METHODS = {"qat": "QAT", "qat_rotated": "QAT + rotation"}  # their share of the (unrotated) RTN -> FP gap
+# compare.py's columns (key, header, scale, format), after the average accuracy computed from the task accuracies.
+METRICS = (("avg_accuracy", "Avg. accuracy (%)", 100, "{:.1f}"), *OTHER_COLUMNS)
 GAP_METRICS = (("heldout_perplexity", "held-out"), ("perplexity", "text"))
 PENDING = "pending"
 
@@ -59,8 +56,13 @@ def used_metrics(cells) -> list[tuple]:
     return [metric for metric in METRICS if any(metric_value(cell, metric[0]) is not None for cell in cells)]
 
 
-def qat_gap(cells: dict, key: str) -> str:
-    fp, rtn, qat = (cells.get(method) for method in ("fp", "rtn", "qat"))
+def grid_methods(grid: dict[str, dict]) -> list[str]:
+    """The paper's methods, then the rotated ones where the grid has them."""
+    return [*GRID_METHODS, *(m for m in ROTATED_METHODS if any(m in row_cells for row_cells in grid.values()))]
+
+
+def qat_gap(cells: dict, key: str, method: str = "qat") -> str:
+    fp, rtn, qat = (cells.get(name) for name in ("fp", "rtn", method))
     if not all(isinstance(cell, dict) and key in cell["metrics"] for cell in (fp, rtn, qat)):
         return "–"
     share = gap_closed(fp["metrics"], rtn["metrics"], qat["metrics"], key)
@@ -70,16 +72,18 @@ def qat_gap(cells: dict, key: str) -> str:
 def grid_rows(grid: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: W-A-KV, then metric x method, then the gaps QAT closes. `grid[row][method]` is a cell."""
     cells = [cell for row in grid.values() for cell in row.values()]
-    metrics = used_metrics(cells)
+    metrics, methods = used_metrics(cells), grid_methods(grid)
+    gaps = [(key, where, method) for method in GAP_METHODS if method in methods
+            for key, where in GAP_METRICS if any(key == m[0] for m in metrics)]
     header = ["#Bits (W-A-KV)"]
-    header += [f"{title}: {TABLE_METHOD_LABELS[m]}" for _, title, _, _ in metrics for m in GRID_METHODS]
-    header += [f"QAT gap closed ({where})" for key, where in GAP_METRICS if any(key == m[0] for m in metrics)]
+    header += [f"{title}: {TABLE_METHOD_LABELS[m]}" for _, title, _, _ in metrics for m in methods]
+    header += [f"{GAP_METHODS[method]} gap closed ({where})" for _, where, method in gaps]
     rows = []
     for row, row_cells in grid.items():
         line = [row]
         line += [formatted(row_cells.get(method, "n/a"), key, scale, fmt)
-                 for key, _, scale, fmt in metrics for method in GRID_METHODS]
-        line += [qat_gap(row_cells, key) for key, _ in GAP_METRICS if any(key == m[0] for m in metrics)]
+                 for key, _, scale, fmt in metrics for method in methods]
+        line += [qat_gap(row_cells, key, method) for key, _, method in gaps]
         rows.append(line)
     return header, rows
 
@@ -92,13 +96,15 @@ def markdown(header, rows) -> str:
 def per_metric_markdown(grid: dict[str, dict]) -> str:
     """The same numbers as one small table per metric (rows = bits, columns = methods): easier to read."""
     cells = [cell for row in grid.values() for cell in row.values()]
+    methods = grid_methods(grid)
     parts = []
     for key, title, scale, fmt in used_metrics(cells):
-        header = ["#Bits (W-A-KV)"] + [TABLE_METHOD_LABELS[m] for m in GRID_METHODS]
-        gap = [where for gap_key, where in GAP_METRICS if gap_key == key]
-        header += [f"QAT gap closed ({gap[0]})"] if gap else []
-        rows = [[row] + [formatted(row_cells.get(m, "n/a"), key, scale, fmt) for m in GRID_METHODS]
-                + ([qat_gap(row_cells, key)] if gap else []) for row, row_cells in grid.items()]
+        header = ["#Bits (W-A-KV)"] + [TABLE_METHOD_LABELS[m] for m in methods]
+        where = dict(GAP_METRICS).get(key)
+        gaps = [method for method in GAP_METHODS if method in methods] if where else []
+        header += [f"{GAP_METHODS[method]} gap closed ({where})" for method in gaps]
+        rows = [[row] + [formatted(row_cells.get(m, "n/a"), key, scale, fmt) for m in methods]
+                + [qat_gap(row_cells, key, method) for method in gaps] for row, row_cells in grid.items()]
         parts.append(f"### {title}\n\n{markdown(header, rows)}")
     return "\n".join(parts)
 
@@ -121,13 +127,14 @@ def plot_grid(grid: dict[str, dict], path: Path, title: str) -> None:
     metrics = used_metrics(cells)
     if not metrics:
         return
+    methods = grid_methods(grid)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
-    width = 0.8 / len(GRID_METHODS)
+    width = 0.8 / len(methods)
     rows = list(grid)
     for ax, (key, name, scale, _) in zip(axes[0], metrics):
-        for i, method in enumerate(GRID_METHODS):
+        for i, method in enumerate(methods):
             values = [metric_value(grid[row].get(method), key) for row in rows]
-            ax.bar([x + (i - (len(GRID_METHODS) - 1) / 2) * width for x in range(len(rows))],
+            ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(rows))],
                    [float("nan") if v is None else scale * v for v in values], width,
                    label=TABLE_METHOD_LABELS[method])
         ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
