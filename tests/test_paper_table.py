@@ -90,7 +90,7 @@ def test_two_row_grid_runs_caches_resumes_and_reports_a_failing_cell(tiny_teache
     table = (out / "table.md").read_text()
     assert "| 4-8-4 | " in table and "| 8-8-16 | " in table
     header, *rows = list(csv.reader((out / "table.csv").open()))
-    assert header[:3] == ["#Bits (W-A-KV)", "Held-out ppl: FP", "Held-out ppl: RTN"]
+    assert header[0] == "#Bits (W-A-KV)" and {"Held-out ppl: FP", "Held-out ppl: RTN"} <= set(header)
     for row in rows:  # every metric's GPTQ and SmoothQuant column says so; the other methods have numbers
         cells = dict(zip(header, row))
         assert {cells[name] for name in header if name.endswith(("GPTQ", "SmoothQuant"))} == {"failed"}
