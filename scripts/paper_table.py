@@ -112,6 +112,11 @@ def kv_placement(bits: str, rotate: str) -> str:
     return "post_rope" if rotate != "none" and row_bits(bits)[2] < 16 else "pre_rope"
 
 
+def qat_name(bits: str, loss: str, rotate: str) -> str:
+    """`qat-4-8-4`, with the loss and rotation where they are not the paper's (`qat-4-8-4-ce`, `qat-4-8-4-hadamard`)."""
+    return f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
+
+
 def settings_key(**settings) -> str:
     """A short name for everything a result depends on: equal settings, equal key, the result is reused."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -267,8 +272,7 @@ class Table:
         settings = dict(bits=bits, model=self.model_name, data=str(data), len=args.seq_len, lr=args.learning_rate,
                         epochs=args.epochs, batch=args.batch_size, seed=args.seed, loss=loss, gpu=self.gpu)
         settings.update({"rotate": rotate} if rotate != "none" else {})
-        name = f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}-" \
-               f"{settings_key(**settings)}"
+        name = f"{qat_name(bits, loss, rotate)}-{settings_key(**settings)}"
         folder = self.out / "models" / name
         if (folder / "config.json").is_file():
             self.cached(name)
@@ -287,8 +291,7 @@ class Table:
         if not isinstance(data, Path):
             return data
         model = self.qat_model(bits, data, loss, rotate)
-        name = f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
-        return self.evaluation(name, model) if isinstance(model, Path) else model
+        return self.evaluation(qat_name(bits, loss, rotate), model) if isinstance(model, Path) else model
 
     def rotated_rtn_cell(self, bits: str) -> dict | str:
         rotate = self.args.rotate
