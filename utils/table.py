@@ -3,7 +3,8 @@
 `write_grid` writes table.md, table.csv and table.png in the layout of the paper's Table 1 turned for a grid: one
 row per W-A-KV setting, and for every metric one column per method (FP, RTN, GPTQ, SmoothQuant, LLM-QAT, and RTN /
 LLM-QAT + rotation where the grid has them), then the share of the RTN -> FP perplexity gap each QAT cell closes.
-`write_ablation` writes ablation.md / ablation.csv: one row per training setting (data source, loss) at one W-A-KV, as the paper's Tables 3 and 4.
+`write_ablation` writes ablation.md / ablation.csv: one row per training setting (data source, loss) at one
+W-A-KV, as the paper's Tables 3 and 4.
 
 A cell is a result record (a dict with `metrics`) or a status string: "not installed", "failed", "n/a" (the
 method does not apply to the row, e.g. SmoothQuant without activation quantization) or "pending".
