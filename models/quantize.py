@@ -10,18 +10,18 @@ fake-quantizes (paper section 2.2):
   - for k_proj and v_proj, its output per token (KV bits): `kv_placement="pre_rope"`, the released code's
     placement. The attention caches these outputs, so the cached values are on the low-bit grid; cached keys
     are the quantized keys after rotary embedding, which are not on a grid.
-With `kv_placement="post_rope"` keys are quantized per token after rotary embedding instead, where a serving
-engine's quantized KV cache holds them: every attention module gets a forward pre-hook that hands it a view of
-its cache (`KeyQuantizingCache`) whose `update` quantizes the rotated keys before storing and using them, so
-the cache holds exactly the quantized keys and values, on the prefill and on every decode step.
+With `kv_placement="post_rope"` keys and values are quantized per token where attention reads them, after rotary
+embedding and the cache (as a serving engine's quantized KV cache holds them), by the attention function the
+student registers with transformers (see `post_rope_attention`), on the prefill, on every decode step and without
+a cache alike.
 Embeddings, norms and `lm_head` stay in full precision. 16 bits means "not quantized".
 
-With `rotate="hadamard"` or `"random"` (issue #14, `models.rotations`) the float model is first rotated in a way
+With `rotate="hadamard"` or `"random"` (QuaRot / SpinQuant, `models.rotations`) the float model is first rotated in a way
 that leaves its function unchanged (R1, R2 and R4's inverse folded into the weights), down_proj rotates its input
 online (R4) before quantizing it, and post-RoPE keys are quantized in a rotated basis (R3): x -> Q(x R3) R3^T,
-which gives attention exactly what rotating both queries and cached keys by R3 gives.
+which gives attention exactly what rotating both queries and cached keys by R3 gives (`KVQuantizer`).
 
-Two recipes (issue #16), each only a set of defaults for the options `grid` and `ste_clip`:
+Two recipes, each only a set of defaults for the options `grid` and `ste_clip`:
   - "paper" (the default): the paper's grid of 2^b - 1 levels and the released STE (`ste_clip=2`);
   - "deploy": compressed-tensors' full 2^b-level grid, the one vLLM and transformers run, and an STE that is
     zero only where that grid clips (`ste_clip=None`), so a packed export runs as the student trained.
@@ -36,12 +36,15 @@ standard library and each other (tests/test_layering.py checks it).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .quantizers import FULL_PRECISION, GRIDS, check_bits, fake_quantize
 from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
@@ -49,6 +52,7 @@ from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 KV_PLACEMENTS = ("pre_rope", "post_rope")
 CONFIG_KEY = "llm_qat"
+EXPORT_KEY = "llm_qat_export"  # in an export's config: its format; its weights are stored on their grid
 NEVER_CLIP_FLAG = 0  # how a command line spells ste_clip=None
 RECIPES = {"paper": dict(grid="paper", ste_clip=2.0), "deploy": dict(grid="full", ste_clip=None)}
 
@@ -140,21 +144,54 @@ class QATConfig:
         return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}" + "".join(f"+{part}" for part in recipe)
 
 
-class QuantLinear(nn.Linear):
-    """`nn.Linear` with fake-quantized input, weight and (for k/v projections) output; an `input_rotation`
-    (down_proj's R4) turns the input before it is quantized."""
+class KVQuantizer(nn.Module):
+    """The KV-cache quantizer (paper section 2.2): keys or values fake-quantized per token, one scale across all
+    heads, on rows [..., tokens, heads * head_dim]. With a rotation (keys after RoPE, R3) each head is quantized in
+    the rotated basis and turned back, Q(k R3) R3^T, which is what rotating queries and cached keys gives attention.
+    A module, so that hooks can count its calls: tests prove it runs instead of inferring it from the logits."""
 
-    def __init__(self, linear: nn.Linear, config: QATConfig, out_bits: int = FULL_PRECISION,
+    def __init__(self, bits: int, ste_clip: float | None, grid: str, rotation: str = "none", rotate_seed: int = 0,
+                 head_dim: int | None = None):
+        super().__init__()
+        self.bits, self.ste_clip, self.grid = bits, ste_clip, grid
+        self.rotation, self.rotate_seed, self.head_dim = rotation, rotate_seed, head_dim
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.rotation == "none":
+            return fake_quantize(rows, self.bits, True, self.ste_clip, None, self.grid)
+        heads = rows.unflatten(-1, (-1, self.head_dim))
+        rotated = rotate(heads, self.rotation, self.rotate_seed, KEY).flatten(-2)
+        quantized = fake_quantize(rotated, self.bits, True, self.ste_clip, None, self.grid)
+        return rotate(quantized.unflatten(-1, (-1, self.head_dim)), self.rotation, self.rotate_seed, KEY,
+                      inverse=True).flatten(-2)
+
+    def extra_repr(self):
+        rotation = f", rotation={self.rotation}, seed={self.rotate_seed}" if self.rotation != "none" else ""
+        return f"bits={self.bits}, grid={self.grid}{rotation}"
+
+
+class QuantLinear(nn.Linear):
+    """`nn.Linear` with fake-quantized input and weight; an `input_rotation` (down_proj's R4) turns the input before
+    it is quantized, and an `output_quantizer` (k_proj / v_proj with pre-RoPE KV) quantizes the output."""
+
+    def __init__(self, linear: nn.Linear, config: QATConfig, output_quantizer: KVQuantizer | None = None,
                  input_rotation: nn.Module | None = None):
         nn.Module.__init__(self)  # reuse `linear`'s parameters as they are: no copy, no re-initialisation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.w_bits, self.a_bits, self.out_bits = config.w_bits, config.a_bits, out_bits
+        self.w_bits, self.a_bits = config.w_bits, config.a_bits
         self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
         self.grid = config.grid
-        self.input_rotation = input_rotation
+        self.input_rotation, self.output_quantizer = input_rotation, output_quantizer
+        self.weight_on_grid = False  # True for an export's weight: codes * scales as stored, never re-derived
+
+    @property
+    def out_bits(self) -> int:
+        return self.output_quantizer.bits if self.output_quantizer is not None else FULL_PRECISION
 
     def quantized_weight(self):
+        if self.weight_on_grid:  # re-deriving the scales is not idempotent on the full grid (int4: max 8s vs 7.5s)
+            return self.weight
         return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size, self.grid)
 
     def forward(self, x):
@@ -162,52 +199,105 @@ class QuantLinear(nn.Linear):
             x = self.input_rotation(x)
         x = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip, None, self.grid)
         y = F.linear(x, self.quantized_weight(), self.bias)
-        return fake_quantize(y, self.out_bits, True, self.ste_clip, None, self.grid)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def extra_repr(self):
         group = f", w_group_size={self.w_group_size}" if self.w_group_size else ""
-        return (f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, out_bits={self.out_bits}, "
-                f"grid={self.grid}")
+        return f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, grid={self.grid}"
 
 
-def quantize_per_token(states: torch.Tensor, bits: int, ste_clip: float | None, grid: str = "paper") -> torch.Tensor:
-    """Keys or values as attention holds them, [batch, heads, tokens, head_dim], quantized with one scale per
-    token across all heads: the same grouping as the k/v projection outputs of the pre-RoPE placement."""
-    per_token = states.transpose(1, 2)
-    quantized = fake_quantize(per_token.flatten(-2), bits, True, ste_clip, None, grid).unflatten(-1, per_token.shape[-2:])
-    return quantized.transpose(1, 2)
+# ---- post-RoPE KV: quantized where attention reads the cache ----
+# transformers hands every attention module's keys and values, after rotary embedding and the cache update, to the
+# function registered under `config._attn_implementation` (its AttentionInterface). The student registers one that
+# quantizes them and then calls the implementation the model had: no argument name or cache class of transformers
+# is involved, so a release that renames them cannot route around the quantizer (one did: `past_key_values` ->
+# `cache` in 5.24). The cache keeps the float keys; re-quantizing them per token at every step gives attention the
+# same values as a cache holding quantized ones. A forward hook on each attention module raises if the function was
+# not called, so an attention class that does not use the interface fails loudly instead of running unquantized.
+POST_ROPE_ATTENTION = "llm_qat_post_rope_kv_"  # + the implementation it wraps, e.g. "llm_qat_post_rope_kv_sdpa"
 
 
-class KeyQuantizingCache:
-    """What one attention module sees as its KV cache under `kv_placement="post_rope"`: `update` quantizes the
-    keys (after rotary embedding) per token, then stores them in the real cache (none when the forward runs
-    without a cache, e.g. in training) and returns what attention uses. Values arrive quantized from v_proj.
-    With a rotation each head's keys are quantized in the R3 basis and turned back: Q(k R3) R3^T. Everything else
-    is the real cache's."""
-
-    def __init__(self, cache, bits: int, ste_clip: float | None, grid: str = "paper", rotation: str = "none",
-                 rotate_seed: int = 0):
-        self.cache, self.bits, self.ste_clip, self.grid = cache, bits, ste_clip, grid
-        self.rotation, self.rotate_seed = rotation, rotate_seed
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.rotation == "none":
-            key_states = quantize_per_token(key_states, self.bits, self.ste_clip, self.grid)
-        else:
-            rotated = rotate(key_states, self.rotation, self.rotate_seed, KEY)
-            key_states = rotate(quantize_per_token(rotated, self.bits, self.ste_clip, self.grid), self.rotation,
-                                self.rotate_seed, KEY, inverse=True)
-        if self.cache is None:
-            return key_states, value_states
-        return self.cache.update(key_states, value_states, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.cache, name)
+def _in_attention_layout(quantizer: KVQuantizer, states: torch.Tensor) -> torch.Tensor:
+    """`quantizer` applied to [batch, heads, tokens, head_dim] as one row per token across all heads."""
+    rows = states.transpose(1, 2)
+    return quantizer(rows.flatten(-2)).unflatten(-1, rows.shape[-2:]).transpose(1, 2)
 
 
-def _hand_key_quantizing_cache(module, args, kwargs, **settings):
-    kwargs["past_key_values"] = KeyQuantizingCache(kwargs.get("past_key_values"), **settings)
-    return args, kwargs
+def _base_attention(module: nn.Module, base: str):
+    if base != "eager":
+        return ALL_ATTENTION_FUNCTIONS[base]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward to run post-RoPE KV quantization "
+                           "with; load the model with attn_implementation='sdpa', or use kv_placement=pre_rope")
+    return eager
+
+
+def post_rope_attention(base: str) -> str:
+    """Register (once) the attention function that quantizes K and V before `base` and return its name."""
+    name = POST_ROPE_ATTENTION + base
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        def attention(module, query, key, value, *args, **kwargs):
+            key = _in_attention_layout(module.key_quantizer, key)
+            value = _in_attention_layout(module.value_quantizer, value)
+            module.kv_quantized = True
+            return _base_attention(module, base)(module, query, key, value, *args, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])  # the masks `base` expects
+    return name
+
+
+def _expect_quantized_kv(module, args):
+    module.kv_quantized = False
+
+
+def _check_quantized_kv(module, args, output):
+    if not module.kv_quantized:
+        raise RuntimeError(f"{type(module).__name__}.forward did not call transformers' attention interface, so the "
+                           "post-RoPE KV quantizer did not run; use kv_placement=pre_rope with this model or transformers "
+                           "version")
+
+
+def _set_post_rope_kv(model: nn.Module, attentions: list[nn.Module], config: QATConfig | None) -> None:
+    """Put the post-RoPE KV quantizers on `attentions` (config given) or take them off (None), with the attention
+    function that runs them."""
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    base = implementation.removeprefix(POST_ROPE_ATTENTION)
+    for attention in attentions:
+        for handle in getattr(attention, "_llm_qat_kv_hooks", ()):
+            handle.remove()
+        for name in ("key_quantizer", "value_quantizer", "_llm_qat_kv_hooks", "kv_quantized"):
+            if hasattr(attention, name):
+                delattr(attention, name)
+        if config is not None:
+            head_dim = attention.k_proj.out_features // model.config.num_key_value_heads
+            attention.key_quantizer = KVQuantizer(config.kv_bits, config.ste_clip, config.grid, config.rotate,
+                                                  config.rotate_seed, head_dim)
+            attention.value_quantizer = KVQuantizer(config.kv_bits, config.ste_clip, config.grid)
+            attention._llm_qat_kv_hooks = (attention.register_forward_pre_hook(_expect_quantized_kv),
+                                           attention.register_forward_hook(_check_quantized_kv))
+    wanted = post_rope_attention(base) if config is not None else base
+    if implementation != wanted:
+        model.set_attn_implementation(wanted)
+        if model.config._attn_implementation != wanted:
+            raise ValueError(f"{type(model).__name__} does not let transformers set its attention function, which "
+                             "post-RoPE KV quantization needs; use kv_placement=pre_rope")
+
+
+def _stored_on_grid(model: nn.Module, config: QATConfig) -> bool:
+    """Whether the model's weights are an export's, already on the grid `config` asks for (used as they are), after
+    refusing a weight quantizer other than the one that wrote them."""
+    exported = getattr(model.config, EXPORT_KEY, None)
+    if not exported or config.w_bits == FULL_PRECISION:
+        return False
+    saved = QATConfig(**getattr(model.config, CONFIG_KEY))
+    weight_settings = ("w_bits", "w_group_size", "grid")
+    if any(getattr(saved, name) != getattr(config, name) for name in weight_settings):
+        raise ValueError(f"this model's weights are a {exported} export's, on the grid of "
+                         f"{', '.join(f'{name}={getattr(saved, name)}' for name in weight_settings)}; keep those "
+                         "settings, or quantize the checkpoint it was exported from")
+    return True
 
 
 def check_group_size(group_size: int | None, layers: dict[str, nn.Linear]) -> None:
@@ -228,6 +318,9 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
     output_layer = model.get_output_embeddings()
     targets = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and module is not output_layer}
+    if not targets and {config.w_bits, config.a_bits} != {FULL_PRECISION}:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize (GPT-2, for one, uses Conv1D); "
+                         "use a LLaMA-family model")
     if config.kv_bits != FULL_PRECISION and not any(name.rpartition(".")[2] in KV_PROJECTIONS for name in targets):
         raise ValueError(f"kv_bits={config.kv_bits} needs k_proj/v_proj layers, which {type(model).__name__} does "
                          "not have; use kv_bits=16 for this architecture")
@@ -239,23 +332,20 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
             raise ValueError(f"the weights of this student are rotated (rotate={rotated.rotate}, rotate_seed="
                              f"{rotated.rotate_seed}); keep those settings, or start from the float model")
         rotate_model(model, config.rotate, config.rotate_seed)
+    weights_on_grid = _stored_on_grid(model, config)
     pre_rope = config.kv_placement == "pre_rope"
+    kv_quantized = config.kv_bits != FULL_PRECISION
     for name, linear in targets.items():  # a QuantLinear (re-quantizing a student) is rebuilt with the new bits
         parent_name, _, child = name.rpartition(".")
-        out_bits = config.kv_bits if child == "v_proj" or (child == "k_proj" and pre_rope) else FULL_PRECISION
+        output_quantizer = KVQuantizer(config.kv_bits, config.ste_clip, config.grid) \
+            if child in KV_PROJECTIONS and pre_rope and kv_quantized else None
         input_rotation = OnlineRotation(config.rotate, linear.in_features, config.rotate_seed, DOWN_PROJ_INPUT) \
             if child == "down_proj" and config.rotate != "none" else None
-        setattr(model.get_submodule(parent_name), child, QuantLinear(linear, config, out_bits, input_rotation))
-    for module in model.modules():  # the attention modules: those holding k_proj
-        if isinstance(getattr(module, "k_proj", None), QuantLinear):
-            if hasattr(module, "_llm_qat_key_hook"):  # re-quantizing: the old placement goes
-                module._llm_qat_key_hook.remove()
-                del module._llm_qat_key_hook
-            if not pre_rope and config.kv_bits != FULL_PRECISION:
-                module._llm_qat_key_hook = module.register_forward_pre_hook(
-                    partial(_hand_key_quantizing_cache, bits=config.kv_bits, ste_clip=config.ste_clip,
-                            grid=config.grid, rotation=config.rotate, rotate_seed=config.rotate_seed),
-                    with_kwargs=True)
+        layer = QuantLinear(linear, config, output_quantizer, input_rotation)
+        layer.weight_on_grid = weights_on_grid
+        setattr(model.get_submodule(parent_name), child, layer)
+    attentions = [module for module in model.modules() if isinstance(getattr(module, "k_proj", None), QuantLinear)]
+    _set_post_rope_kv(model, attentions, config if kv_quantized and not pre_rope else None)
     model.config.llm_qat = asdict(config)
     return model
 

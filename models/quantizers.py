@@ -21,7 +21,7 @@ The math runs in float32 whatever the input's dtype (float64 stays float64) and 
 input's dtype: in bfloat16 (autocast, or FSDP2 with bf16 params) x * (1/s) and codes * s would round to other
 codes than the float32 export computes. None of these ops is one that autocast lowers, so it needs no guard.
 
-Full grid (`grid="full"`, issue #16): the 2^b-level integer grid of compressed-tensors, which vLLM and
+Full grid (`grid="full"`, the "deploy" recipe): the 2^b-level integer grid of compressed-tensors, which vLLM and
 transformers run, computed as its `calculate_qparams` and `fake_quantize` do (codes signed, 0 representable):
     symmetric:  s = max|X_row| / ((2^b - 1) / 2),  z = 0          (int4: codes -8..7, s = max / 7.5)
     asymmetric: s = (max(X_row, 0) - min(X_row, 0)) / (2^b - 1),  z = round(clamp(-2^(b-1) - min / s, grid))

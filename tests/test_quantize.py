@@ -1,4 +1,5 @@
 """The LLM-QAT student (models/quantize.py): which modules are quantized, how, and that it changes what it should."""
+from collections import Counter
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -8,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from models import QATConfig, QuantLinear, quantize_model, quantized_modules
+from models.quantize import KVQuantizer
 from utils.loading import load_model_and_tokenizer
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -275,24 +277,85 @@ def test_embedded_smollm2_w8a8kv8_changes_perplexity_less_than_w4a8kv4():
 
 # ---- the options beyond the paper: group-wise weights, keys quantized after rotary embedding ----
 
-def cache_rows(states):
-    """Cached keys or values [batch, kv_heads, tokens, head_dim] as one row per token over all heads."""
+def per_token_rows(states):
+    """Keys or values as attention reads them, [batch, kv_heads, tokens, head_dim], as one row per token."""
     return states.transpose(1, 2).flatten(2)
 
 
-@pytest.mark.parametrize("placement", ["pre_rope", "post_rope"])
-def test_the_kv_cache_holds_what_the_placement_says_during_generate(make_tiny_model, tiny_config, tiny_input_ids,
-                                                                    placement):
-    model = quantize_model(make_tiny_model(tiny_config, torch.float64), QATConfig(4, 8, 4, kv_placement=placement))
-    new_tokens = 6
+KV_SETTINGS = {"pre_rope": QATConfig(4, 8, 4), "post_rope": QATConfig(4, 8, 4, kv_placement="post_rope"),
+               "post_rope+hadamard": QATConfig(4, 8, 4, kv_placement="post_rope", rotate="hadamard")}
+
+
+def run_decoding(model, mode, input_ids):
+    """One way of running the model: a plain forward, or `generate` with a dynamic or static cache, beam search, or
+    a left-padded batch."""
+    mask = torch.ones_like(input_ids)
+    options = dict(do_sample=False, max_new_tokens=4, attention_mask=mask)
     with torch.no_grad():
-        cached = model.generate(tiny_input_ids, attention_mask=torch.ones_like(tiny_input_ids), do_sample=False,
-                                max_new_tokens=new_tokens, use_cache=True, return_dict_in_generate=True)
-    for layer in cached.past_key_values.layers:
-        assert layer.keys.shape[2] == tiny_input_ids.shape[1] + new_tokens - 1  # prefill and every decode step
-        assert on_symmetric_grid(cache_rows(layer.values), 4)
-        # pre_rope quantizes keys before rotary embedding, which moves them off the grid; post_rope after it.
-        assert on_symmetric_grid(cache_rows(layer.keys), 4) == (placement == "post_rope")
+        if mode == "forward":
+            model(input_ids, use_cache=False)
+        elif mode == "dynamic_cache":
+            model.generate(input_ids, **options)
+        elif mode == "static_cache":
+            model.generate(input_ids, cache_implementation="static", **options)
+        elif mode == "beam_search":
+            model.generate(input_ids, num_beams=3, **options)
+        else:  # left padding: the first sequence is 4 tokens shorter
+            padded, mask = input_ids.clone(), mask.clone()
+            padded[0, :4], mask[0, :4] = model.config.pad_token_id, 0
+            model.generate(padded, **{**options, "attention_mask": mask})
+
+
+@pytest.mark.parametrize("mode", ["forward", "dynamic_cache", "static_cache", "beam_search", "left_padded"])
+@pytest.mark.parametrize("setting", list(KV_SETTINGS))
+def test_the_kv_quantizers_run_at_every_forward_however_the_model_is_run(make_tiny_model, tiny_config,
+                                                                         tiny_input_ids, setting, mode):
+    """Proven by counting calls, not by "the logits differ": every attention layer's key and value quantizers run
+    once per forward of the model, in the placement the settings say."""
+    model = quantize_model(make_tiny_model(tiny_config), KV_SETTINGS[setting])
+    quantizers = {name: module for name, module in model.named_modules() if isinstance(module, KVQuantizer)}
+    expected = {f"model.layers.{i}.self_attn.{where}" for i in range(tiny_config.num_hidden_layers)
+                for where in (("k_proj.output_quantizer", "v_proj.output_quantizer") if setting == "pre_rope" else
+                              ("key_quantizer", "value_quantizer"))}
+    assert set(quantizers) == expected
+    calls, forwards = Counter(), []
+    for name, module in quantizers.items():
+        module.register_forward_hook(lambda module, args, output, name=name: calls.update([name]))
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    run_decoding(model, mode, tiny_input_ids)
+    assert forwards and calls == Counter({name: len(forwards) for name in expected})
+
+
+@pytest.mark.parametrize("setting", list(KV_SETTINGS))
+def test_attention_reads_keys_and_values_on_the_grid_the_placement_says(make_tiny_model, tiny_config, tiny_input_ids,
+                                                                       setting, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    model = quantize_model(make_tiny_model(tiny_config, torch.float64), KV_SETTINGS[setting])
+    sdpa, seen = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def recording_sdpa(module, query, key, value, *args, **kwargs):
+        seen.append((key, value))
+        return sdpa(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording_sdpa)
+    with torch.no_grad():
+        model.generate(tiny_input_ids, attention_mask=torch.ones_like(tiny_input_ids), do_sample=False,
+                       max_new_tokens=3)
+    assert len(seen) == 3 * tiny_config.num_hidden_layers  # the prefill and two decode steps, every layer
+    assert all(key.shape[2] in (12, 13, 14) for key, _ in seen)  # the whole cache is read at each step
+    for key, value in seen:
+        assert on_symmetric_grid(per_token_rows(value), 4)
+        # pre_rope quantizes keys before rotary embedding, which moves them off the grid; post_rope after it; with
+        # a rotation they are on the grid in the rotated basis, not in this one.
+        assert on_symmetric_grid(per_token_rows(key), 4) == (setting == "post_rope")
+
+
+def test_an_attention_that_bypasses_the_interface_fails_instead_of_running_unquantized(make_tiny_model, tiny_config,
+                                                                                      tiny_input_ids):
+    model = quantize_model(make_tiny_model(tiny_config), QATConfig(16, 16, 4, kv_placement="post_rope"))
+    model.config._attn_implementation_internal = "sdpa"  # as if transformers dispatched around the student's function
+    with pytest.raises(RuntimeError, match="post-RoPE KV quantizer did not run; use kv_placement=pre_rope"):
+        logits(model, tiny_input_ids)
 
 
 @pytest.mark.parametrize("placement", ["pre_rope", "post_rope"])
@@ -309,15 +372,20 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(make_ti
     assert torch.allclose(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
 
 
-def test_post_rope_keys_are_quantized_without_a_cache_too_and_requantizing_removes_the_hook(make_tiny_model,
-                                                                                            tiny_config,
-                                                                                            tiny_input_ids):
+def test_post_rope_kv_is_quantized_without_a_cache_too_and_requantizing_removes_it(make_tiny_model, tiny_config,
+                                                                                   tiny_input_ids):
     model = make_tiny_model(tiny_config)
+    fp = logits(model, tiny_input_ids)
     pre = logits(quantize_model(make_tiny_model(tiny_config), QATConfig(16, 16, 4)), tiny_input_ids)
     post = logits(quantize_model(model, QATConfig(16, 16, 4, kv_placement="post_rope")), tiny_input_ids)
-    assert model.model.layers[0].self_attn.k_proj.out_bits == 16 and model.model.layers[0].self_attn.v_proj.out_bits == 4
+    attention = model.model.layers[0].self_attn
+    assert attention.k_proj.out_bits == 16 and attention.v_proj.out_bits == 16  # both quantized where attention reads
+    assert (attention.key_quantizer.bits, attention.value_quantizer.bits) == (4, 4)
+    assert model.config._attn_implementation == "llm_qat_post_rope_kv_sdpa"
     assert not torch.equal(pre, post)
     assert torch.equal(logits(quantize_model(model, QATConfig(16, 16, 4)), tiny_input_ids), pre)
+    assert not hasattr(attention, "key_quantizer") and model.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(quantize_model(model, QATConfig(16, 16, 16)), tiny_input_ids), fp)
 
 
 def test_options_travel_with_the_checkpoint_and_remote_code(tiny_llama, tiny_input_ids, tmp_path):

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Co
 
 from models import QATConfig, quantize_model
 from models.checkpoint import load_student, save_quantized
-from models.quantize import KeyQuantizingCache, quantize_per_token
+from models.quantize import KVQuantizer
+from models.quantizers import fake_quantize
 from models.rotations import (KEY, WEIGHTS_UNREAD, hadamard_factor, paley_hadamard, rotate_model, rotation,
                               sylvester_hadamard)
 
@@ -121,16 +122,20 @@ def test_rotation_rescues_four_bit_activations_with_outlier_channels(tiny_llama,
         assert error(QATConfig(16, 4, 16, rotate=kind)) < 0.6 * error(QATConfig(16, 4, 16))
 
 
-def test_post_rope_keys_are_quantized_in_the_rotated_basis(make_tiny_model, tiny_config, tiny_input_ids):
-    keys = torch.randn(2, 2, 7, tiny_config.head_dim, **F64)  # [batch, kv heads, tokens, head_dim]
+def test_post_rope_keys_are_quantized_in_the_rotated_basis(tiny_config):
+    keys = torch.randn(2, 7, 2, tiny_config.head_dim, **F64)  # [batch, tokens, kv heads, head_dim]
     q = rotation("hadamard", tiny_config.head_dim, 4, KEY).matrix()
-    cache = KeyQuantizingCache(None, 4, None, "full", rotation="hadamard", rotate_seed=4)
-    quantized, _ = cache.update(keys, None)
-    assert torch.allclose(quantized, quantize_per_token(keys @ q, 4, None, "full") @ q.T, atol=1e-12)
+
+    def per_token(heads):  # one scale per token across all heads, the full grid
+        return fake_quantize(heads.flatten(-2), 4, True, None, None, "full").unflatten(-1, heads.shape[-2:])
+
+    quantizer = KVQuantizer(4, None, "full", rotation="hadamard", rotate_seed=4, head_dim=tiny_config.head_dim)
+    quantized = quantizer(keys.flatten(-2)).unflatten(-1, keys.shape[-2:])
+    assert torch.allclose(quantized, per_token(keys @ q) @ q.T, atol=1e-12)
     # In attention this is rotating queries and cached keys: q k^T = (q R3)(Q(k R3))^T
     queries = torch.randn_like(keys)
     assert torch.allclose(queries @ quantized.transpose(-1, -2),
-                          (queries @ q) @ quantize_per_token(keys @ q, 4, None, "full").transpose(-1, -2), atol=1e-12)
+                          (queries @ q) @ per_token(keys @ q).transpose(-1, -2), atol=1e-12)
 
 
 def test_sixteen_bits_with_rotation_generates_the_same_tokens_with_a_cache(tiny_llama, tiny_input_ids):
