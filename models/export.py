@@ -14,8 +14,10 @@ per output channel (paper eq. 1, symmetric MinMax; on the full grid of the "depl
     full grid (recipe "deploy") those schemes are the student's own quantizers, so plain transformers +
     compressed-tensors run the export as trained (pre-RoPE KV; docs/EXPORT.md says which engine runs what).
   - `folded`: a plain Hugging Face checkpoint whose float weights already hold the dequantized values;
-    `llm_qat` stays in its config, so `load_student` rebuilds the same student from it
-    (re-quantizing a weight that is already on its grid gives it back unchanged).
+    `llm_qat` stays in its config, so `load_student` rebuilds the same student from it.
+Both record their format under `llm_qat_export`, and whatever loads them uses the stored weights (codes * scales) as
+they are, never re-deriving the scales: on the full grid that is not idempotent (an int4 row whose largest code is
+-8 would come back with scale max / 7.5 = 8s / 7.5), so re-quantizing moved a deploy student's logits by 1-16 %.
 Embeddings, norms and lm_head stay float, in the dtype the checkpoint was saved in. A rotated student
 (`rotate`, models/rotations.py) exports its weights with R1, R2 and R4's inverse folded in, as it trained them;
 its online rotations are recorded under `llm_qat` only, so only `load_packed` / `load_student` run it as trained.
@@ -39,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_student, saved_config, saved_settings
-from .quantize import CONFIG_KEY, KV_PROJECTIONS, QATConfig, QuantLinear, quantize_model, quantized_modules
+from .quantize import CONFIG_KEY, EXPORT_KEY, KV_PROJECTIONS, QATConfig, QuantLinear, quantize_model, quantized_modules
 from .quantizers import FULL_PRECISION, grouped, symmetric_codes
 
 logger = logging.getLogger(__name__)
@@ -47,8 +49,9 @@ logger = logging.getLogger(__name__)
 PACKED, FOLDED = "packed", "folded"
 FORMATS = (PACKED, FOLDED)
 PACKABLE_BITS = range(2, 9)
-# Files of a checkpoint that an export rewrites itself; everything else (tokenizer files) is copied over.
-_REWRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
+# Files of a checkpoint that an export rewrites itself or leaves behind; the rest (tokenizer files) is copied.
+_NOT_COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json", "trainer_state.json")
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".py", ".pt", ".pth")
 
 
 def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +115,9 @@ def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bo
     if export_format == PACKED and settings.w_bits not in PACKABLE_BITS:
         raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings.w_bits} "
                          "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")
+    if saved_config(checkpoint).get(EXPORT_KEY):
+        raise ValueError(f"{checkpoint} is a {saved_config(checkpoint)[EXPORT_KEY]} export already; export the QAT "
+                         "checkpoint it was exported from")
     check_export_target(checkpoint, out_dir, force)
     if settings.rotate != "none":  # R1, R2 and R4's inverse are in the weights; R4 and R3 run at inference
         logger.warning("%s is rotated (%s): the export records its online rotations (down_proj's input, post-RoPE "
@@ -122,17 +128,19 @@ def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bo
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
-    """Copy tokenizer and other side files; skip weights, configs and the student's remote code."""
+    """Copy tokenizer and other side files; skip weights, configs, the student's remote code and a training run's
+    state (with it the export would look like a training run, which a later export refuses to replace)."""
     for item in source.iterdir():
-        if item.is_file() and item.suffix not in (".safetensors", ".bin", ".py") and item.name not in _REWRITTEN:
+        if item.is_file() and item.suffix not in _NOT_COPIED_SUFFIXES and item.name not in _NOT_COPIED:
             shutil.copy2(item, target / item.name)
 
 
-def _write_checkpoint(model: nn.Module, source: Path, out_dir: Path, compressor=None) -> None:
+def _write_checkpoint(model: nn.Module, export_format: str, source: Path, out_dir: Path, compressor=None) -> None:
     """Save the exported model with the source's tokenizer files, without the student's remote code: into a
     temporary sibling first, renamed into place when whole (replacing `out_dir`, checked beforehand)."""
     if hasattr(model.config, "auto_map"):  # it points at the student's loader, which an export does not carry
         del model.config.auto_map
+    setattr(model.config, EXPORT_KEY, export_format)  # loaders use the stored weights as they are (models.quantize)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -216,8 +224,11 @@ def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = Fal
         model.get_submodule(name).weight_scale.data = torch.where(scales > 0, scales, torch.ones_like(scales))
 
     compressor = ModelCompressor.from_pretrained_model(model)
+    # compressed-tensors 0.20 re-derives the config from the modules and finds a cached attention by its forward's
+    # `past_key_values` parameter, which transformers 5.24 renamed: the KV-cache scheme is ours to state.
+    compressor.quantization_config.kv_cache_scheme = config.kv_cache_scheme
     compressor.compress_model(model)
-    _write_checkpoint(model, source, out_dir, compressor)
+    _write_checkpoint(model, PACKED, source, out_dir, compressor)
     logger.info("Wrote a packed %s checkpoint (W%d, compressed-tensors %s) to %s", type(model).__name__,
                 settings["w_bits"], config.format, out_dir)
     return out_dir
@@ -231,7 +242,7 @@ def export_folded(checkpoint: str | Path, out_dir: str | Path, force: bool = Fal
     # float32, not the saved dtype: codes * scale needs float32 to stay exactly on the quantization grid.
     folded = {name: layer.quantized_weight().detach().clone() for name, layer in layers.items()}
     _with_plain_linears(model, folded)
-    _write_checkpoint(model, source, out_dir)
+    _write_checkpoint(model, FOLDED, source, out_dir)
     logger.info("Wrote a folded float32 checkpoint (weights on the W%d grid) to %s",
                 model.config.llm_qat["w_bits"], out_dir)
     return out_dir

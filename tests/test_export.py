@@ -139,12 +139,47 @@ def test_folded_export_is_idempotent_and_gives_the_same_logits(tmp_path, w_bits)
 
     plain = load_model(folded_dir, quantized=False)  # what a tool that knows nothing of quantization sees
     assert not quantized_modules(plain)
-    requantized = load_model(folded_dir)  # llm_qat in its config: the same student, weights re-quantized
+    requantized = load_model(folded_dir)  # llm_qat in its config: the same student, its weights as stored
     assert requantized.config.llm_qat["w_bits"] == w_bits
     for name, layer in quantized_modules(requantized).items():
         assert torch.equal(plain.get_submodule(name).weight, quantized_modules(student)[name].quantized_weight())
         assert torch.equal(layer.quantized_weight(), layer.weight), name
     assert_same_logits(student, requantized)
+
+
+@pytest.mark.parametrize("export_format", ["packed", "folded"])
+@pytest.mark.parametrize("placement", ["pre_rope", "post_rope"])
+@pytest.mark.parametrize("recipe", ["paper", "deploy"])
+def test_every_export_reloads_to_the_students_logits_exactly(tmp_path, recipe, placement, export_format):
+    """A loaded export uses its stored codes and scales: re-deriving them is not idempotent on the deploy recipe's
+    full grid (int4 -8s comes back as max / 7.5), which moved the logits by 1-16 %. Equal to the bit, float32."""
+    checkpoint = save_student(tmp_path / "qat", 4, options=dict(recipe=recipe, kv_placement=placement))
+    student = load_model(checkpoint)
+    loaded = load_model(export(checkpoint, tmp_path / export_format, export_format))
+    assert all(layer.weight_on_grid for layer in quantized_modules(loaded).values())
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, student(x).logits)
+
+
+def test_an_export_is_not_exported_again_nor_requantized_on_another_grid(tmp_path):
+    checkpoint = save_student(tmp_path / "qat", 4, options=dict(recipe="deploy"))
+    packed = export_packed(checkpoint, tmp_path / "packed")
+    with pytest.raises(ValueError, match="is a packed export already; export the QAT checkpoint it was exported from"):
+        export_folded(packed, tmp_path / "folded")
+    with pytest.raises(ValueError, match="weights are a packed export's, on the grid of w_bits=4, w_group_size=None, "
+                                         "grid=full; keep those settings"):
+        quantize_model(load_model(packed), QATConfig(8, 8, 4, recipe="deploy"))
+    assert quantize_model(load_model(packed), QATConfig(4, 16, 16, recipe="deploy"))  # other A / KV bits: fine
+
+
+def test_an_export_of_a_training_run_can_be_replaced_with_force(tmp_path):
+    run = save_student(tmp_path / "run", 4)  # a training run's output directory holds its trainer state
+    (run / "trainer_state.json").write_text("{}")
+    export(run, tmp_path / "out", "packed")
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
+    export(run, tmp_path / "out", "packed", force=True)  # was refused: the export looked like a training run
+    assert_same_logits(load_model(run), load_model(tmp_path / "out"))
 
 
 def test_a_float_checkpoint_is_refused(tmp_path):
