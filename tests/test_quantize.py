@@ -216,6 +216,14 @@ def test_kv_bits_on_a_model_without_k_and_v_projections_are_refused():
     assert isinstance(quantize_model(model, 4, 8, 16).qkv_proj, QuantLinear)
 
 
+def test_a_model_with_no_linear_layer_is_refused_instead_of_saved_unquantized():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has no nn.Linear layer to quantize"):
+        quantize_model(model, QATConfig(4, 8, 16))
+    assert quantize_model(model, QATConfig(16, 16, 16)).config.llm_qat["w_bits"] == 16  # nothing asked, nothing done
+
+
 def test_requantizing_changes_the_bits(make_tiny_model, tiny_config, tiny_input_ids):
     model = make_tiny_model(tiny_config)
     parameters = dict(model.named_parameters())
