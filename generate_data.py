@@ -11,9 +11,10 @@ import argparse
 import logging
 
 import torch
+from transformers import AutoConfig
 
-from utils.cli import user_errors
-from utils.loading import DEFAULT_MODEL_NAME, load_model_and_tokenizer
+from utils.cli import check_positions, user_errors
+from utils.loading import DEFAULT_MODEL_NAME, load_model, load_tokenizer, resolve_model_path
 from utils.records import TeacherIdentity, teacher_name
 from utils.synthesis import (PRESETS, SamplingConfig, apply_preset, choose_start_tokens, default_batch_size,
                              eligible_start_tokens, ensure_writable_dir, resolve_device, resolve_shard,
@@ -70,7 +71,9 @@ def generate(args):
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
     ensure_writable_dir(args.output_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device, quantized=False)
+    tokenizer = load_tokenizer(args.model)
+    check_positions(config.max_length, "--max-length", AutoConfig.from_pretrained(resolve_model_path(args.model)))
+    model = load_model(args.model, dtype=dtype, device=device, quantized=False)
     vocab_size = model.config.vocab_size
     eligible = eligible_start_tokens(tokenizer, vocab_size, args.include_special_tokens)
     start_tokens = choose_start_tokens(eligible, args.start_token_range, args.num_start_tokens, args.seed)

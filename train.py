@@ -5,10 +5,11 @@
 Every Hugging Face `TrainingArguments` option works (resume, logging, --fsdp, --deepspeed, ...); the defaults
 below are the released LLaMA-7B recipe: 1 epoch, AdamW, lr 2e-5, cosine, no warmup, weight decay 0, batch 1 per
 device, sequence length 2048, checkpoints every 2000 steps. The quantizer flags are the fields of
-`models.quantize.QATConfig`. `scripts/run_train.sh W A KV` is the usual launcher.
+`models.quantize.QATConfig`. `scripts/run_train.sh W A KV` is the usual launcher; it runs `--check_only` first.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,13 +20,14 @@ from typing import get_type_hints
 import torch
 import transformers
 from accelerate.utils import DistributedType
-from transformers import AutoConfig, HfArgumentParser, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, PretrainedConfig, TrainingArguments
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from models.checkpoint import saved_settings, write_remote_code
+from models.checkpoint import damaged_weight_file, saved_settings, write_remote_code
 from models.quantize import QATConfig, quantize_model, quantized_modules
-from utils.cli import ensure_writable_dir, user_errors
+from utils.cli import check_positions, ensure_writable_dir, user_errors
 from utils.data import PadCollator, TokenSequenceDataset
 from utils.kd_trainer import LOSSES, REDUCTIONS, KDTrainer
 from utils.loading import load_model, load_tokenizer, load_weightless_model, model_display_name, resolve_model_path
@@ -39,6 +41,8 @@ TRAIN_DEFAULT_BITS = dict(w_bits=4, a_bits=8, kv_bits=4)  # the paper's headline
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "teacher: a local model directory or hub name; omit for the embedded SmolLM2-135M"})
+    check_only: bool = field(default=False, metadata={"help": "check the flags against the model's config and exit, "
+                                                              "reading no weights and no data"})
 
 
 @dataclass
@@ -86,34 +90,51 @@ class QATTrainingArguments(TrainingArguments):
     optim: str = "adamw_torch_fused"  # PyTorch's fused AdamW; `--optim adamw_apex_fused` if NVIDIA apex is built
     logging_steps: float = 10
 
+    def __post_init__(self):
+        # The Trainer takes --max_steps 0 as a step count (it runs one) and trains 0 epochs as asked: both would
+        # save an untrained student as if trained.
+        if self.max_steps == 0:
+            raise ValueError("--max_steps 0 trains nothing; pass a positive number of steps, or -1 (the default) to "
+                             "train --num_train_epochs")
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs {self.num_train_epochs:g} trains nothing; pass a positive number "
+                             "of epochs (paper: 1), or --max_steps N")
+        super().__post_init__()
 
-def is_complete_checkpoint(checkpoint: Path) -> bool:
-    """The Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states), so a
-    checkpoint whose state file reads back was saved whole."""
+
+def unusable_checkpoint(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None. The Trainer writes trainer_state.json last (after weights,
+    optimizer, scheduler and RNG states), so a checkpoint whose state file reads back was saved whole; its weight
+    files are read back too, since a full disk or a cut copy can leave them short after the state was written."""
     try:
         json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
-        return True
     except (OSError, ValueError):
-        return False
+        return f"no readable {TRAINER_STATE_NAME}: it was cut off while saving"
+    damaged = damaged_weight_file(checkpoint)
+    return f"{damaged.name} is truncated or damaged" if damaged else None
 
 
-def last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest whole checkpoint of a run. A checkpoint cut off while saving (a kill during the save) is moved
-    aside to incomplete-checkpoint-N, so it neither blocks resuming nor is mistaken for a checkpoint later."""
+def last_complete_checkpoint(output_dir: Path, move_aside: bool = True) -> str | None:
+    """The newest whole checkpoint of a run. One cut off while saving (a kill during the save) or with a damaged
+    weight file is moved aside to incomplete-checkpoint-N, so it neither blocks resuming nor is mistaken for a
+    checkpoint later. Only one process may move it (`move_aside`): the others skip it, so that all agree."""
     checkpoints = sorted((path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                           if path.is_dir() and path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit()),
                          key=lambda path: int(path.name.rpartition("-")[2]), reverse=True)
     for checkpoint in checkpoints:
-        if is_complete_checkpoint(checkpoint):
+        problem = unusable_checkpoint(checkpoint)
+        if problem is None:
             return str(checkpoint)
+        if not move_aside:
+            continue
         aside = output_dir / f"incomplete-{checkpoint.name}"
         suffix = 1
         while aside.exists():
             suffix += 1
             aside = output_dir / f"incomplete-{checkpoint.name}-{suffix}"
         checkpoint.rename(aside)
-        logger.warning("%s was cut off while saving (no readable %s); moved it to %s and resuming from the "
-                       "checkpoint before it", checkpoint, TRAINER_STATE_NAME, aside)
+        logger.warning("%s cannot be resumed from (%s); moved it to %s and resuming from the checkpoint before it",
+                       checkpoint, problem, aside)
     return None
 
 
@@ -121,17 +142,31 @@ def checkpoint_to_resume(training_args: TrainingArguments, qat_config: QATConfig
     """--resume_from_checkpoint, else the last whole checkpoint of --output_dir (rerunning a killed command
     continues it); refused when it was trained with other quantizer settings."""
     resume = training_args.resume_from_checkpoint
-    if resume is not None and not is_complete_checkpoint(Path(resume)):
-        raise ValueError(f"--resume_from_checkpoint {resume} is not a whole checkpoint (no readable "
-                         f"{TRAINER_STATE_NAME}); pass an earlier checkpoint, or omit the flag to resume from the "
-                         "last whole one")
+    problem = unusable_checkpoint(Path(resume)) if resume is not None else None
+    if problem:
+        raise ValueError(f"--resume_from_checkpoint {resume} is not a whole checkpoint ({problem}); pass an "
+                         "earlier checkpoint, or omit the flag to resume from the last whole one")
     if resume is None and os.path.isdir(training_args.output_dir):
-        resume = last_complete_checkpoint(Path(training_args.output_dir))
+        # The first process moves unusable checkpoints aside; the others look after it has, and only skip them.
+        with training_args.main_process_first(local=False, desc="choosing the checkpoint to resume"):
+            resume = last_complete_checkpoint(Path(training_args.output_dir),
+                                              move_aside=training_args.process_index == 0)
     saved = saved_settings(resume) if resume else None
     if saved and saved != qat_config:  # the saved model's config would lie about its weights
         raise ValueError(f"{resume} was trained with {asdict(saved)}, not {asdict(qat_config)}; pass another "
                          "--output_dir (or the same settings) to start or resume that run")
     return resume
+
+
+def check_against_model(config: PretrainedConfig, qat_config: QATConfig, model_max_length: int) -> None:
+    """What the model's config alone refuses, before any data or weights are read: sequences past its positions, and
+    quantizer settings its layers cannot take (a group size that does not divide a layer's width, KV bits without
+    k/v projections), found by quantizing the model's structure on the meta device."""
+    check_positions(model_max_length, "--model_max_length", config)
+    if is_deepspeed_zero3_enabled():  # from_config would partition even a meta model: quantize_model checks later
+        return
+    with torch.device("meta"):
+        quantize_model(AutoModelForCausalLM.from_config(copy.deepcopy(config)), qat_config)  # it records its settings
 
 
 def reads_weights(training_args: TrainingArguments) -> bool:
@@ -160,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_warning()
 
     ensure_writable_dir(training_args.output_dir, "--output_dir")
-    resume = checkpoint_to_resume(training_args, qat_config)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path)
-    vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
+    model_config = AutoConfig.from_pretrained(model_path)
+    check_against_model(model_config, qat_config, data_args.model_max_length)
+    if model_args.check_only:
+        return
+    resume = checkpoint_to_resume(training_args, qat_config)
+    vocab_size = model_config.vocab_size
     teacher_id = TeacherIdentity.of(model_display_name(model_args.model_name_or_path), tokenizer, vocab_size)
     dataset = TokenSequenceDataset(data_args.data_path, data_args.model_max_length, tokenizer, data_args.packing,
                                    teacher=teacher_id, vocab_size=vocab_size)

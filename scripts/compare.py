@@ -18,12 +18,16 @@ from utils.compare import load_results, write_report
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="result JSON files written by scripts/evaluate.py")
+    parser.add_argument("results", nargs="+", help="result JSON files written by scripts/evaluate.py, or their "
+                                                   "directories")
     parser.add_argument("--out", default="results", help="folder for results.md and results.png")
+    parser.add_argument("--allow-mixed-heldout", action="store_true",
+                        help="tabulate held-out metrics measured on different --heldout files (refused by default), "
+                             "with a note saying which row used which file")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with user_errors("compare.py"):
-        report = write_report(load_results(args.results), Path(args.out))
+        report = write_report(load_results(args.results), Path(args.out), args.allow_mixed_heldout)
     print(report.read_text())
 
 

@@ -7,8 +7,9 @@ and the loss. `scripts/paper_table.sh` (and `make table`) is the usual way in; e
 
 Each cell is one run of the repo's own command lines (generate_data.py, merge_gen_data.py, scripts/evaluate.py,
 scripts/run_train.sh, and scripts/baseline.py in the llm-compressor environment), logged to OUT/logs. A cell's
-result is kept under a name made from every setting it depends on, so an interrupted table resumes where it
-stopped, a second call only prints, and a changed setting recomputes only the cells it touches. A failing cell is
+result is kept under a name made from every setting it depends on and from the code it runs, so an interrupted
+table resumes where it stopped, a second call only prints, a changed setting recomputes only the cells it touches,
+and a change to the code (models/, utils/, scripts/, the entry points) recomputes them all. A failing cell is
 reported in the table ("failed", with its log), not fatal; GPTQ and SmoothQuant say "not installed" without the
 extra (`make baselines`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -42,6 +44,7 @@ LOCAL_TASKS = ("commonsense_mini", REPO / "tests" / "data")  # the offline stand
 SEQUENCES_PER_START = 3  # the hybrid data's greedy prefixes 3, 4, 5: the other data modes make as many sequences
 ABLATIONS = ("data", "loss")
 NOT_INSTALLED, FAILED, NOT_APPLICABLE = "not installed", "failed", "n/a"
+CODE = ("*.py", "models/**/*.py", "utils/**/*.py", "scripts/*.py", "scripts/*.sh", "scripts/*.json")  # what cells run
 
 
 def parse_args(argv=None):
@@ -97,7 +100,16 @@ def check_args(args) -> None:
     if args.num_start_tokens is not None and args.heldout_start_tokens >= args.num_start_tokens:
         raise ValueError(f"--heldout-start-tokens {args.heldout_start_tokens} leaves no training data of "
                          f"{args.num_start_tokens} start tokens; lower it")
-    float(args.learning_rate)
+    if not 0 < args.epochs < math.inf:
+        raise ValueError(f"--epochs {args.epochs:g} (EPOCHS in paper_table.sh) trains nothing; pass a positive number "
+                         "of epochs (default 1)")
+    try:
+        learning_rate = float(args.learning_rate)
+    except ValueError:
+        learning_rate = math.nan
+    if not 0 < learning_rate < math.inf:
+        raise ValueError(f"--learning-rate {args.learning_rate!r} (LEARNING_RATE in paper_table.sh) is not a positive "
+                         "number; pass one such as 3e-4")
     for flag, path in (("--text-file", args.text_file), ("--real-text", args.real_text)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist; pass an existing text file")
@@ -117,8 +129,19 @@ def qat_name(bits: str, loss: str, rotate: str) -> str:
     return f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
 
 
+def code_fingerprint(root: Path = REPO) -> str:
+    """A digest of the code the cells run (not of docs or tests), read afresh for every key: a result computed
+    before a fix is not reused after it."""
+    digest = hashlib.sha256()
+    for path in sorted({path for pattern in CODE for path in root.glob(pattern)}):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def settings_key(**settings) -> str:
-    """A short name for everything a result depends on: equal settings, equal key, the result is reused."""
+    """A short name for everything a result depends on, its code included: equal settings and code, equal key, the
+    result is reused."""
+    settings = dict(settings, code=code_fingerprint())
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

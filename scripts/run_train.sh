@@ -8,7 +8,7 @@
 # embedding), ROTATE=hadamard (orthogonal rotations before quantizing, for 4-bit activations; with KV below 16 bits
 # it needs KV_PLACEMENT=post_rope); or any train.py flag after the bits.
 # On GPUs it prints the memory plan (scripts/plan_memory.py), then launches torchrun over every visible device with
-# the released LLaMA-7B recipe (bf16, gradient checkpointing, FSDP full_shard on LlamaDecoderLayer, with CPU offload
+# the released LLaMA-7B recipe (bf16, gradient checkpointing, FSDP full_shard per decoder layer, with CPU offload
 # when the plan does not fit, sequence length 2048). On CPU it runs a small, quick
 # version of the same training on the embedded SmolLM2-135M (see CPU_* below).
 set -euo pipefail
@@ -38,21 +38,22 @@ CPU_LEARNING_RATE=${CPU_LEARNING_RATE:-1e-4}
 CPU_EPOCHS=${CPU_EPOCHS:-1}
 SAVE_TOTAL_LIMIT=${SAVE_TOTAL_LIMIT:-2}            # checkpoints kept (~80 GB each for 7B with optimizer state)
 
-# The quantizer settings are checked before anything long starts (data generation, model loading).
-"$PYTHON" - "$W_BITS" "$A_BITS" "$KV_BITS" "$W_GROUP_SIZE" "$KV_PLACEMENT" "$RECIPE" "$ROTATE" <<'CHECK'
-import sys
-from models.quantize import QATConfig
-from utils.cli import user_errors
-def number(text):
-    return int(text) if text.lstrip("-").isdigit() else text
-with user_errors("run_train.sh"):
-    *bits, group_size, placement, recipe, rotate = sys.argv[1:]
-    QATConfig(*map(number, bits), w_group_size=number(group_size) if group_size else None, kv_placement=placement,
-              recipe=recipe, rotate=rotate)
-CHECK
 NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 model_arg=()
 [ -n "$MODEL" ] && model_arg=(--model_name_or_path "$MODEL")
+common=(train.py "${model_arg[@]}" --data_path "$DATA" --output_dir "$OUTPUT_DIR"
+        --w_bits "$W_BITS" --a_bits "$A_BITS" --kv_bits "$KV_BITS" "${options[@]}"
+        --save_total_limit "$SAVE_TOTAL_LIMIT")
+if [ "$NUM_GPUS" -gt 0 ]; then
+  recipe=(--bf16 --gradient_checkpointing --model_max_length 2048)
+else
+  recipe=(--model_max_length "$CPU_MAX_LENGTH" --per_device_train_batch_size "$CPU_BATCH_SIZE"
+          --learning_rate "$CPU_LEARNING_RATE" --num_train_epochs "$CPU_EPOCHS" --logging_steps 1 --save_steps 50)
+fi
+
+# Every flag is checked against the model's config (group size against the layer widths, lengths against its
+# positions) before anything long starts: data generation, model loading.
+"$PYTHON" "${common[@]}" "${recipe[@]}" "$@" --check_only
 
 if [ ! -f "$DATA" ]; then
   echo "[run_train] $DATA not found: generating synthetic data with the teacher first"
@@ -66,10 +67,6 @@ if [ ! -f "$DATA" ]; then
   fi
   "$PYTHON" merge_gen_data.py "$data_dir" --output "$DATA"
 fi
-
-common=(train.py "${model_arg[@]}" --data_path "$DATA" --output_dir "$OUTPUT_DIR"
-        --w_bits "$W_BITS" --a_bits "$A_BITS" --kv_bits "$KV_BITS" "${options[@]}"
-        --save_total_limit "$SAVE_TOTAL_LIMIT")
 
 if [ "$NUM_GPUS" -gt 0 ]; then
   # FSDP on every GPU count, one included: a 7B student with AdamW (16 bytes/param) fits no single GPU unsharded.
@@ -87,10 +84,9 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     echo "[run_train] no memory plan for $model_dir (no local config.json?); launching without one" >&2
   fi
   echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on $NUM_GPUS GPU(s), torchrun + FSDP ($sharding) -> $OUTPUT_DIR"
-  exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" "${common[@]}" \
-    --bf16 --gradient_checkpointing --model_max_length 2048 --fsdp "$sharding" --fsdp_config scripts/fsdp_config.json "$@"
+  exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" "${common[@]}" "${recipe[@]}" \
+    --fsdp "$sharding" --fsdp_config scripts/fsdp_config.json "$@"
 else
   echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on CPU (quick settings) -> $OUTPUT_DIR"
-  exec "$PYTHON" "${common[@]}" --model_max_length "$CPU_MAX_LENGTH" --per_device_train_batch_size "$CPU_BATCH_SIZE" \
-    --learning_rate "$CPU_LEARNING_RATE" --num_train_epochs "$CPU_EPOCHS" --logging_steps 1 --save_steps 50 "$@"
+  exec "$PYTHON" "${common[@]}" "${recipe[@]}" "$@"
 fi

@@ -92,3 +92,39 @@ def test_rows_of_the_same_bits_with_other_options_stay_apart(tmp_path):
     main(paths + [str(tmp_path / "grouped.json"), "--out", str(tmp_path)])
     _, rows = read_table(tmp_path / "results.md")
     assert rows["RTN 4-8-4"]["Text ppl"] == "31.02" and rows["RTN 4g64-8-4k"]["Text ppl"] == "25.00"
+
+
+def test_a_directory_stands_for_its_result_files(tmp_path):
+    (tmp_path / "results").mkdir()
+    write_results(tmp_path / "results")
+    main([str(tmp_path / "results") + "/", "--out", str(tmp_path / "report")])
+    _, rows = read_table(tmp_path / "report" / "results.md")
+    assert list(rows) == ["FP 16-16-16", "RTN 4-8-4", "QAT 4-8-4"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty is a directory without \.json files; pass the result files"):
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "report")])
+
+
+def test_held_out_metrics_of_different_held_out_files_are_refused_unless_allowed(tmp_path, capsys):
+    """Each result records its --heldout file: one file is named under the table; two are refused (their numbers
+    do not compare), or with --allow-mixed-heldout tabulated with a note saying which row used which file."""
+    for name, heldout in (("rtn.json", "gen/heldout.jsonl"), ("qat.json", "gen/heldout.jsonl"),
+                          ("fp.json", None)):
+        (tmp_path / name).write_text(json.dumps(dict(RESULTS[name], settings={"heldout": heldout})))
+    paths = [str(tmp_path / name) for name in RESULTS]
+    main(paths + ["--out", str(tmp_path / "same")])
+    notes = (tmp_path / "same" / "results.md").read_text()
+    assert "Held-out ppl, KL to teacher and top-1: on `gen/heldout.jsonl`." in notes
+
+    moved = dict(RESULTS["qat.json"], settings={"heldout": "other/heldout.jsonl"})
+    (tmp_path / "qat.json").write_text(json.dumps(moved))
+    with pytest.raises(SystemExit) as refused:
+        main(paths + ["--out", str(tmp_path / "mixed")])
+    assert refused.value.code == 2 and not (tmp_path / "mixed").exists()
+    assert capsys.readouterr().err == (
+        "compare.py: error: the held-out metrics come from 2 different --heldout files (`gen/heldout.jsonl` for "
+        "RTN 4-8-4; `other/heldout.jsonl` for QAT 4-8-4); evaluate every model on the same file, or pass "
+        "--allow-mixed-heldout to show them with a note\n")
+    main(paths + ["--out", str(tmp_path / "mixed"), "--allow-mixed-heldout"])
+    assert ("Held-out metrics come from 2 different files and do not compare across them: `gen/heldout.jsonl` for "
+            "RTN 4-8-4; `other/heldout.jsonl` for QAT 4-8-4.") in (tmp_path / "mixed" / "results.md").read_text()

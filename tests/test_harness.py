@@ -233,3 +233,22 @@ def test_evaluate_script_records_rtn_options_in_the_result_and_its_label(tiny_mo
     save_quantized(quantize_model(tiny_model, 4, 8, 4), checkpoint, tokenizer)
     with pytest.raises(SystemExit, match="omit W A KV, --w-group-size, --kv-placement"):
         evaluate_script.main([str(checkpoint), "--w-group-size", "32", "--tasks", "none"])
+
+
+def test_evaluate_script_refuses_sequences_longer_than_the_models_positions(tiny_model, tokenizer, tmp_path,
+                                                                            monkeypatch):
+    """The tiny model has 256 positions: --max-length 512 is refused before loading it (a rotary model would
+    evaluate past its positions without a word); the default, 2048, becomes the model's 256."""
+    evaluate_script = load_evaluate_script()
+    model_dir = tmp_path / "fp"
+    tiny_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    windows = []
+    monkeypatch.setattr(evaluate_script, "token_sequences", lambda *args, **kwargs: windows.append(args[2]) or [[5, 6]])
+    evaluate_script.main([str(model_dir), "--tasks", "none", "--output", str(tmp_path / "r.json")])
+    assert windows == [256]
+    monkeypatch.setattr(evaluate_script, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"--max-length 512 is longer than the model's 256 positions .*; pass "
+                                         r"--max-length 256 or less"):
+        evaluate_script.main([str(model_dir), "--tasks", "none", "--max-length", "512", "--output",
+                              str(tmp_path / "r.json")])

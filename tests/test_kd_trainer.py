@@ -72,3 +72,32 @@ def test_qat_steps_lower_the_kd_loss_and_update_only_the_student(tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
     assert not any(p is q for group in trainer.optimizer.param_groups for p in group["params"]
                    for q in teacher.parameters())
+
+
+def test_token_mean_with_gradient_accumulation_trains_as_one_batch(tmp_path):
+    """Two micro-batches of one sequence each make the same step as one batch of both: the mean is over every
+    position of the accumulated batch, not a mean of per-micro-batch means (5 and 11 positions here)."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(config).double().eval()
+    start = LlamaForCausalLM(config).double()
+    data = [{"input_ids": torch.randint(1, 64, (length,)).tolist()} for length in (5, 11)]
+
+    def one_step(batch_size, accumulation):
+        student = copy.deepcopy(start)
+        args = TrainingArguments(output_dir=str(tmp_path / f"b{batch_size}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+                                 lr_scheduler_type="constant", max_grad_norm=0, save_strategy="no", report_to=[],
+                                 logging_steps=1, use_cpu=True)
+        trainer = KDTrainer(model=student, teacher=teacher, kd_reduction="token_mean", args=args, train_dataset=data,
+                            data_collator=PadCollator(pad_token_id=0))
+        trainer.train()
+        (loss,) = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return loss, torch.cat([(p - q).flatten() for p, q in zip(student.parameters(), start.parameters())])
+
+    loss_one_batch, step_one_batch = one_step(2, 1)
+    loss_accumulated, step_accumulated = one_step(1, 2)
+    # The KL is computed in float32 (kd_loss), whatever the model's dtype: agreement to float32 rounding.
+    assert loss_accumulated == pytest.approx(loss_one_batch, rel=1e-5)
+    torch.testing.assert_close(step_accumulated, step_one_batch, rtol=1e-4, atol=1e-9)

@@ -168,3 +168,16 @@ def test_cli_refuses_a_config_that_is_not_llama_family(tmp_path, capsys):
         load_cli().main(["--model", str(tmp_path)])
     assert refused.value.code == 2
     assert "is not a LLaMA-family decoder" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_config_without_its_shape(tmp_path, capsys):
+    """{"model_type": "llama"} alone would be planned as LlamaConfig's defaults, a 6.74B model, and said to fit."""
+    config = json.loads((ROOT / "configs" / "llama-7b" / "config.json").read_text())
+    del config["intermediate_size"], config["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as refused:
+        load_cli().main(["--model", str(tmp_path)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"plan_memory.py: error: --model: {tmp_path / 'config.json'} lacks "
+                                       "num_hidden_layers, intermediate_size; give the model's full config.json, "
+                                       "which has its shape\n")

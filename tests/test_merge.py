@@ -119,3 +119,27 @@ def test_shards_of_different_settings_are_refused_unless_allowed(tmp_path, capsy
     merge_gen_data.main([str(tmp_path), "--output", str(tmp_path / "all.jsonl"), "--allow-mixed-settings"])
     assert read_ids(tmp_path / "all.jsonl") == [[5, 6], [7, 8]]
     assert other in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("inputs", [["{dir}"], ["{dir}/shard-*.jsonl"], ["{dir}/shard-00-of-02.jsonl", "{dir}"]])
+def test_an_output_that_is_one_of_the_input_shards_is_refused_before_anything_is_written(tmp_path, capsys, inputs):
+    shards = write_shards(tmp_path, [line([5, 6])], [line([7, 8])])
+    before = [shard.read_text() for shard in shards]
+    with pytest.raises(SystemExit) as refused:
+        merge_gen_data.main([item.format(dir=tmp_path) for item in inputs] + ["--output", str(shards[0]), "--force"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"merge_gen_data.py: error: {shards[0]} is one of the inputs and would be "
+                                       "overwritten by this merge; pass an --output that is not an input, e.g. "
+                                       f"{tmp_path / 'all.jsonl'}\n")
+    assert [shard.read_text() for shard in shards] == before  # nothing lost
+
+
+def test_an_earlier_merge_found_by_a_glob_is_left_out_but_named_as_an_input_is_refused(tmp_path):
+    write_shards(tmp_path, [line([5, 6])], [line([7, 8])])
+    output = tmp_path / "all.jsonl"
+    merge_gen_data.main([str(tmp_path), "--output", str(output)])
+    merge_gen_data.main([str(tmp_path / "*.jsonl"), "--output", str(output), "--force"])  # all.jsonl is no input
+    assert read_ids(output) == [[5, 6], [7, 8]]
+    with pytest.raises(SystemExit, match="all.jsonl is one of the inputs and would be overwritten by this merge; .* e.g. .*merged.jsonl"):
+        merge_gen_data.main([str(output), str(tmp_path), "--output", str(output), "--force"])
+    assert read_ids(output) == [[5, 6], [7, 8]]

@@ -141,6 +141,8 @@ def test_rotation_adds_rtn_and_qat_cells_and_the_users_quantizer_variables_do_no
     (["--rows", "4-8-1"], "bits"),
     (["--heldout-start-tokens", "4"], "leaves no training data"),
     (["--real-text", "missing.txt", "--ablations", "data"], "does not exist"),
+    (["--epochs", "0"], "--epochs 0 (EPOCHS in paper_table.sh) trains nothing"),
+    (["--learning-rate", "abc"], "--learning-rate 'abc' (LEARNING_RATE in paper_table.sh) is not a positive number"),
 ])
 def test_bad_input_is_one_line_before_any_work(tiny_teacher, tmp_path, capsys, extra, message):
     out = tmp_path / "table"
@@ -148,6 +150,30 @@ def test_bad_input_is_one_line_before_any_work(tiny_teacher, tmp_path, capsys, e
         load_script("paper_table").main(table_args(tiny_teacher, out, *extra))
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (out / "data").exists()
+
+
+def test_cell_keys_follow_the_code_the_cells_run(tmp_path, monkeypatch):
+    """A result computed before a code fix is not reused after it: the code is part of every cell's key. The
+    fingerprint reads the code (entry points, models/, utils/, scripts/), not docs or tests."""
+    paper_table = load_script("paper_table")
+    for name in ("train.py", "models/quantize.py", "utils/data.py", "scripts/run_train.sh", "docs/NOTES.md",
+                 "tests/test_x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    fingerprint = paper_table.code_fingerprint(tmp_path)
+    for name in ("docs/NOTES.md", "tests/test_x.py"):
+        (tmp_path / name).write_text("changed\n")
+    assert paper_table.code_fingerprint(tmp_path) == fingerprint
+    changed = set()
+    for name in ("train.py", "models/quantize.py", "utils/data.py", "scripts/run_train.sh"):
+        (tmp_path / name).write_text((tmp_path / name).read_text() + "# a fix\n")
+        changed.add(paper_table.code_fingerprint(tmp_path))
+    assert fingerprint not in changed and len(changed) == 4
+
+    key = paper_table.settings_key(bits="4-8-4", lr="3e-4")
+    assert paper_table.settings_key(bits="4-8-4", lr="3e-4") == key  # unchanged code: the cell is reused
+    monkeypatch.setattr(paper_table, "code_fingerprint", lambda: "after a fix")
+    assert paper_table.settings_key(bits="4-8-4", lr="3e-4") != key
 
 
 needs_baselines = pytest.mark.skipif(

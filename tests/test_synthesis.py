@@ -241,9 +241,25 @@ def test_two_runs_on_one_shard_at_once_are_refused(tiny_llama, tokenizer, tmp_pa
 
 @pytest.mark.parametrize("argv,message", [(["--temperature", "nan"], "--temperature nan must be a finite number"),
                                           (["--temperature", "inf"], "--temperature inf must be a finite number"),
-                                          (["--num-shards", "0"], "--num-shards 0 must be at least 1")])
+                                          (["--num-shards", "0"], "--num-shards 0 must be at least 1"),
+                                          (["--top-k", "-1"], r"--top-k -1 must be 0 or more \(paper: 50; 0 = no")])
 def test_silently_wrong_numbers_are_refused(tmp_path, argv, message):
     import generate_data
     with pytest.raises(SystemExit, match=message) as refused:
         generate_data.main(argv + ["--device", "cpu", "--output-dir", str(tmp_path)])
     assert refused.value.code == 2
+
+
+def test_sequences_longer_than_the_models_positions_are_refused_before_loading_it(tmp_path, monkeypatch):
+    """A LLaMA with 16 positions would generate 32 tokens without a word (GPT-2 would fail with an IndexError)."""
+    import generate_data
+    from conftest import save_tiny_teacher
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    monkeypatch.setattr(generate_data, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"--max-length 32 is longer than the model's 16 positions .*; pass "
+                                         r"--max-length 16 or less"):
+        generate_data.main(["--model", str(teacher), "--max-length", "32", "--device", "cpu",
+                            "--output-dir", str(tmp_path / "gen")])
+    assert not list((tmp_path / "gen").glob("shard-*"))

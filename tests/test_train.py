@@ -1,17 +1,23 @@
 """train.py end to end on a tiny model: checkpoint round trip, resume, and a two-process run."""
+import contextlib
+import errno
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers.modeling_utils
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 import train
 from conftest import save_tiny_teacher
 from models import QuantLinear
+from models.quantize import QATConfig
 from utils.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +137,7 @@ def test_run_train_checks_the_bits_before_generating_data(tmp_path):
                             text=True, env={**os.environ, "DATA": str(tmp_path / "gen" / "all.jsonl"),
                                             "PYTHON": sys.executable}, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("run_train.sh: error: w_bits=0 is not supported; use an integer in 2..8, or 16 "
+    assert result.stderr.strip() == ("train.py: error: w_bits=0 is not supported; use an integer in 2..8, or 16 "
                                      "for full precision")
     assert not (tmp_path / "gen").exists()
 
@@ -194,3 +200,109 @@ def test_kd_trainer_refuses_a_loss_that_does_not_match_its_teacher(tiny_teacher_
         KDTrainer(model=student, teacher=None, loss="kd", args=args)
     with pytest.raises(ValueError, match="use loss 'kd' with a teacher or 'ce' without one"):
         KDTrainer(model=student, teacher=student, loss="ce", args=args)
+
+
+def test_only_the_main_process_moves_an_incomplete_checkpoint_aside(tmp_path):
+    """Under torchrun every process looks for the checkpoint to resume: one moves a cut-off checkpoint aside, the
+    others skip it (renaming it on every process would race) and all of them resume from the same one."""
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("{}")  # checkpoint-2 was cut off while saving
+
+    def resume_on(process_index):  # one process's look (under torchrun main_process_first lets the first look first)
+        args = SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path), process_index=process_index,
+                               main_process_first=lambda **kwargs: contextlib.nullcontext())
+        return train.checkpoint_to_resume(args, QATConfig(4, 8, 4))
+
+    assert resume_on(1) == str(tmp_path / "checkpoint-1")
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "incomplete-checkpoint-2").exists()
+    assert resume_on(0) == str(tmp_path / "checkpoint-1")
+    assert (tmp_path / "incomplete-checkpoint-2").is_dir() and not (tmp_path / "checkpoint-2").exists()
+
+
+def test_a_checkpoint_with_a_truncated_weight_file_is_moved_aside_and_the_run_resumes(tiny_teacher_dir, tmp_path):
+    output = tmp_path / "out"
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "2", "--save_steps", "1"))
+    weights = output / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short, or a disk that filled up
+    with pytest.raises(ValueError, match=r"checkpoint-2 is not a whole checkpoint \(model.safetensors is truncated"):
+        train.main(train_args(tiny_teacher_dir, output, "--max_steps", "3", "--resume_from_checkpoint",
+                              str(output / "checkpoint-2")))
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "3", "--save_steps", "1"))
+    assert (output / "incomplete-checkpoint-2" / "model.safetensors").is_file()
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    assert len(logged_losses(output)) == 3  # step 1 from the first run, steps 2-3 after resuming at 1
+
+
+@pytest.mark.parametrize("error", [SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                   "(os error 28)"),
+                                   OSError(errno.ENOSPC, "No space left on device")])
+def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_checkpoint_to_resume(tiny_teacher_dir, tmp_path,
+                                                                               monkeypatch, error):
+    def full_disk(*args, **kwargs):
+        raise error
+
+    output = tmp_path / "out"
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(OSError, match=rf"^could not save the model to {output / 'checkpoint-1'} "
+                                      r"\(.*No space left on device.*\); free space on that disk"):
+        train.main(train_args(tiny_teacher_dir, output, "--max_steps", "2", "--save_steps", "1"))
+    assert not (output / "checkpoint-1" / "config.json").exists()  # no half-saved model passes for a saved one
+    monkeypatch.undo()
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "1", "--save_steps", "1"))  # starts afresh
+    assert (output / "incomplete-checkpoint-1").is_dir()
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--num_train_epochs", "0"), "--num_train_epochs 0 trains nothing"),
+    (("--num_train_epochs", "-1"), "--num_train_epochs -1 trains nothing"),
+    (("--max_steps", "0"), "--max_steps 0 trains nothing"),
+    (("--model_max_length", "4096"), r"--model_max_length 4096 is longer than the model's 2048 positions"),
+])
+def test_a_run_that_would_not_train_as_asked_is_refused_before_loading_anything(tiny_teacher_dir, tmp_path,
+                                                                                 monkeypatch, flags, message):
+    monkeypatch.setattr(train, "load_float_model", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        train.main(train_args(tiny_teacher_dir, tmp_path / "o", *flags))
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_check_only_checks_the_flags_against_the_models_config_and_reads_no_data(tiny_teacher_dir, tmp_path):
+    args = train_args(tiny_teacher_dir, tmp_path / "o", "--check_only")
+    args[args.index("--data_path") + 1] = str(tmp_path / "not-made-yet.jsonl")
+    train.main(args)
+    assert not list((tmp_path / "o").iterdir())
+    with pytest.raises(ValueError, match="w_group_size=24 does not divide the 32 input columns"):
+        train.main([*args, "--w_group_size", "24"])
+
+
+def test_run_train_checks_the_group_size_against_the_model_before_generating_data(tiny_teacher_dir, tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "run_train.sh"), "4", "8", "4"], capture_output=True,
+                            text=True, env={**os.environ, "W_GROUP_SIZE": "100", "MODEL": str(tiny_teacher_dir / "teacher"),
+                                            "DATA": str(tmp_path / "gen" / "all.jsonl"),
+                                            "OUTPUT_DIR": str(tmp_path / "out"), "PYTHON": sys.executable},
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "train.py: error: w_group_size=100 does not divide the 32 input columns of model.layers.0")
+    assert not (tmp_path / "gen").exists()
+
+
+def test_the_fsdp_config_wraps_the_models_own_decoder_layers(tiny_sizes, make_tiny_model, tmp_path, monkeypatch):
+    """scripts/fsdp_config.json names no layer class: Accelerate then wraps the model's `_no_split_modules`, the
+    decoder layer of whichever LLaMA-family model it is (Qwen2 here)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import Qwen2Config
+
+    config_file = REPO / "scripts" / "fsdp_config.json"
+    assert "Llama" not in config_file.read_text()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it: restored after
+    args = train.QATTrainingArguments(output_dir=str(tmp_path), fsdp="full_shard auto_wrap",
+                                      fsdp_config=str(config_file), use_cpu=True, report_to=[])
+    model = make_tiny_model(Qwen2Config(**tiny_sizes))
+    policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(**args.fsdp_plugin_args), model)
+    wrapped = [module for module in model.modules() if policy(module)]
+    assert wrapped and all(type(module).__name__ == "Qwen2DecoderLayer" for module in wrapped)
+    assert len(wrapped) == tiny_sizes["num_hidden_layers"]

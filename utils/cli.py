@@ -60,3 +60,14 @@ def check_output_file(path: str | Path, flag: str = "--output") -> Path:
         raise ValueError(f"{flag} {path} is a directory; pass a file name, e.g. {path / 'result.json'}")
     ensure_writable_dir(path.parent, flag)
     return path
+
+
+def check_positions(length: int, flag: str, config) -> None:
+    """Refuse sequences longer than the model's position table, read from its config before any weights: past it
+    GPT-2 fails with an IndexError and a rotary model computes on without a word. A config without
+    `max_position_embeddings` is not checked."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and length > limit:
+        field = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
+        raise ValueError(f"{flag} {length} is longer than the model's {limit} positions ({field} in its config.json); "
+                         f"pass {flag} {limit} or less")

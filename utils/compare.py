@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from utils.harness import PAPER_TASKS
@@ -27,6 +28,7 @@ OTHER_COLUMNS = (
     ("kl_to_teacher", "KL to teacher", 1, "{:.4f}"),
     ("top1_agreement", "Top-1 agree. (%)", 100, "{:.1f}"),
 )
+HELDOUT_METRICS = ("heldout_perplexity", "kl_to_teacher", "top1_agreement")  # measured on evaluate.py's --heldout
 ACCURACY_FORMAT = "{:.1f}"
 MISSING = "–"
 
@@ -44,9 +46,24 @@ def gap_closed(fp: dict, rtn: dict, qat: dict, metric: str = "heldout_perplexity
     return (rtn[metric] - qat[metric]) / gap if gap > 0 else float("nan")
 
 
+def result_files(paths) -> list[Path]:
+    """The files given, a directory standing for its *.json files."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                raise FileNotFoundError(f"{path} is a directory without .json files; pass the result files written "
+                                        "by scripts/evaluate.py, or their directory")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
 def load_results(paths) -> list[dict]:
     records = []
-    for path in paths:
+    for path in result_files(paths):
         if not Path(path).is_file():
             raise FileNotFoundError(f"result file {path} does not exist; pass files written by scripts/evaluate.py")
         try:
@@ -60,6 +77,32 @@ def load_results(paths) -> list[dict]:
     if not records:
         raise ValueError("no result files given; pass the JSON files written by scripts/evaluate.py")
     return records
+
+
+def heldout_files(records) -> dict[str, list[str]]:
+    """The --heldout file of each record with held-out metrics (as evaluate.py recorded it) and the rows measured on
+    it. Result files that did not record theirs are left out."""
+    files = {}
+    for record in sort_records(records):
+        heldout = (record.get("settings") or {}).get("heldout")
+        if heldout and any(metric in record["metrics"] for metric in HELDOUT_METRICS):
+            files.setdefault(os.path.normpath(heldout), []).append(row_label(record))
+    return files
+
+
+def heldout_note(records, allow_mixed: bool = False) -> str:
+    """Which file the held-out metrics come from. Numbers measured on different held-out sequences do not compare:
+    such a table is refused unless `allow_mixed`, and then says which rows were measured on which file."""
+    files = heldout_files(records)
+    if not files:
+        return ""
+    if len(files) == 1:
+        return f"Held-out ppl, KL to teacher and top-1: on `{next(iter(files))}`. "
+    rows = "; ".join(f"`{file}` for {', '.join(labels)}" for file, labels in files.items())
+    if not allow_mixed:
+        raise ValueError(f"the held-out metrics come from {len(files)} different --heldout files ({rows}); evaluate "
+                         "every model on the same file, or pass --allow-mixed-heldout to show them with a note")
+    return f"Held-out metrics come from {len(files)} different files and do not compare across them: {rows}. "
 
 
 def accuracy_tasks(records) -> list[str]:
@@ -113,12 +156,12 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def write_markdown(records, path: Path) -> None:
+def write_markdown(records, path: Path, heldout: str = "") -> None:
     header, rows = build_table(records)
     notes = ("Accuracies (%) are lm-eval `acc`, zero-shot; Avg. is their mean (– where a task is missing). "
              if accuracy_tasks(records) else "")
-    notes += ("Text ppl: perplexity on the evaluation text; KL to teacher: mean per-token KL(teacher || model) in "
-              "nats on held-out sequences.")
+    notes += heldout + ("Text ppl: perplexity on the evaluation text; KL to teacher: mean per-token KL(teacher || "
+                        "model) in nats on held-out sequences.")
     sources = "\n".join(f"- {row_label(r)}: `{r['path']}` ({r.get('checkpoint', r['model'])})"
                         for r in sort_records(records))
     path.write_text(f"# Results\n\n{markdown_table(header, rows)}\n{notes}\n\nSources:\n{sources}\n")
@@ -167,10 +210,11 @@ def plot(records, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(records, out: Path) -> Path:
+def write_report(records, out: Path, allow_mixed_heldout: bool = False) -> Path:
     """results.md and results.png in `out`; returns the markdown file."""
+    heldout = heldout_note(records, allow_mixed_heldout)
     out.mkdir(parents=True, exist_ok=True)
-    write_markdown(records, out / "results.md")
+    write_markdown(records, out / "results.md", heldout)
     plot(records, out / "results.png")
     logger.info("Wrote %s and %s", out / "results.md", out / "results.png")
     return out / "results.md"

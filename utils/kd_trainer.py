@@ -4,7 +4,9 @@ The loss is KL(teacher || student) of the softmax distributions at every positio
 (the paper found that adding attention or hidden-state losses did not help). The released code used
 `kl_div(log_softmax(student), softmax(teacher), reduction="batchmean")` over [batch, seq, vocab]:
 a sum over positions and vocabulary divided by the batch size. That is the default here ("batchmean");
-"token_mean" divides by the number of positions instead, which keeps the loss scale independent of length.
+"token_mean" divides by the number of positions instead, which keeps the loss scale independent of length;
+with gradient accumulation, by the positions of the whole accumulated batch, so that accumulating micro-batches
+trains as one large batch does.
 The paper's loss ablation (Table 4) trains on the data's own next tokens instead (`loss="ce"`): no teacher then.
 """
 from __future__ import annotations
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback
+from transformers.utils import CONFIG_NAME
 
 from models.checkpoint import write_remote_code
 
@@ -58,13 +62,18 @@ class _ChunkedKLDivergence(torch.autograd.Function):
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            reduction: str = "batchmean", chunk_rows: int = 1024) -> torch.Tensor:
-    """KL(teacher || student) over [batch, seq, vocab] logits; padding positions (mask 0) do not count."""
+            reduction: str = "batchmean", chunk_rows: int = 1024,
+            num_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) over [batch, seq, vocab] logits; padding positions (mask 0) do not count.
+    token_mean divides by `num_positions` when given (those of a whole accumulated batch), else by this batch's."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"kd reduction {reduction!r} is not supported; use one of {', '.join(REDUCTIONS)}")
     if attention_mask is None:
         attention_mask = torch.ones(student_logits.shape[:-1], device=student_logits.device)
-    normalizer = student_logits.shape[0] if reduction == "batchmean" else attention_mask.sum().clamp(min=1)
+    if reduction == "batchmean":
+        normalizer = student_logits.shape[0]
+    else:
+        normalizer = (attention_mask.sum() if num_positions is None else num_positions).clamp(min=1)
     weights = attention_mask.to(torch.float32) / normalizer
     return _ChunkedKLDivergence.apply(student_logits, teacher_logits.detach(), weights, chunk_rows)
 
@@ -75,15 +84,12 @@ class KDTrainer(Trainer):
     so it is kept out of the optimizer and of checkpoints; under FSDP2 and ZeRO-3 it is sharded like the student.
     With `loss="ce"` there is no teacher: the student learns the data's next tokens (the paper's "label" ablation)."""
 
-    loss_is_scaled_for_ga = False  # kd_loss is a per-micro-batch mean: let the Trainer divide it for accumulation
-
     def __init__(self, *args, teacher: torch.nn.Module | None, kd_reduction: str = "batchmean", loss: str = "kd",
                  **kwargs):
         if loss not in LOSSES or (teacher is None) != (loss == "ce"):
             raise ValueError(f"loss {loss!r} with{'out' if teacher is None else ''} a teacher: use loss 'kd' with a "
                              "teacher or 'ce' without one")
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # older transformers 5.x: same meaning as the line above
         self.loss = loss
         if teacher is None:
             self.teacher = None
@@ -94,7 +100,22 @@ class KDTrainer(Trainer):
         else:
             self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.kd_reduction = kd_reduction
+        # token_mean divides by the accumulated batch's positions (`get_batch_samples`): already scaled. Otherwise the
+        # loss is a per-micro-batch mean, which the Trainer divides by the accumulation steps.
+        self.loss_is_scaled_for_ga = loss == "kd" and kd_reduction == "token_mean"
+        self.model_accepts_loss_kwargs = self.loss_is_scaled_for_ga  # what older transformers 5.x read instead
         self.add_callback(RemoteCodeCallback())
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step, and for token_mean their number of KD positions (every real
+        token has one; with --average_tokens_across_devices, summed over the processes, as the Trainer does)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not self.loss_is_scaled_for_ga or not batch_samples:
+            return batch_samples, num_items_in_batch
+        positions = sum(batch["attention_mask"].sum() for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            positions = self.accelerator.gather(positions).sum()
+        return batch_samples, positions
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -106,8 +127,26 @@ class KDTrainer(Trainer):
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs, use_cache=False).logits
         outputs = model(**inputs, use_cache=False)
-        loss = kd_loss(outputs.logits, teacher_logits, inputs.get("attention_mask"), self.kd_reduction)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # every process's positions: the gradient all-reduce averages over the processes, so each process's sum
+            # counts world_size times (as in the Trainer's own loss)
+            num_items_in_batch = num_items_in_batch / self.args.world_size
+        loss = kd_loss(outputs.logits, teacher_logits, inputs.get("attention_mask"), self.kd_reduction,
+                       num_positions=num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """A save that fails (a full disk) is one line naming the place. What it leaves does not pass for a saved
+        model: no config.json (scripts/paper_table.py takes a folder holding one as trained), and a checkpoint without
+        trainer_state.json, which train.py moves aside when it resumes."""
+        try:
+            super().save_model(output_dir, _internal_call)
+        except (OSError, SafetensorError) as err:
+            where = Path(output_dir or self.args.output_dir)
+            (where / CONFIG_NAME).unlink(missing_ok=True)
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            raise OSError(f"could not save the model to {where} ({reason}); free space on that disk or pass an "
+                          "--output_dir on one with room") from None
 
 
 def _zero3_enabled() -> bool:

@@ -30,6 +30,7 @@ KD_CHUNK_FP32_TENSORS = 5  # float32 [rows, vocab] tensors alive at once inside 
 IN_FLIGHT_LAYERS = 2  # FSDP gathers the next decoder layer while the current one computes
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 0.05  # the caching allocator's reserved-but-unused share, on top of everything else
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
 def load_config(model: str) -> PretrainedConfig:
@@ -40,7 +41,14 @@ def load_config(model: str) -> PretrainedConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{model}: no such config.json; give a model directory, a config.json path, "
                                 f"or one of {', '.join(SHIPPED_MODELS)}")
-    return AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    # A shape the file leaves out would be the config class's default (LlamaConfig's: a 6.74B model), planned as if
+    # it were this model's. (A config without intermediate_size at all is no LLaMA-family one: model_shape says so.)
+    written = json.loads(path.read_text())
+    missing = [name for name in SHAPE_FIELDS if name not in written and config.attribute_map.get(name) not in written]
+    if missing and hasattr(config, "intermediate_size"):
+        raise ValueError(f"{path} lacks {', '.join(missing)}; give the model's full config.json, which has its shape")
+    return config
 
 
 @dataclass(frozen=True)

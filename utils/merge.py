@@ -25,6 +25,7 @@ from utils.records import SequenceRecord, TeacherIdentity
 logger = logging.getLogger(__name__)
 
 LOCATIONS_SHOWN = 5
+SHARD_PATTERN = "shard-*.jsonl"  # what generate_data.py writes (utils.synthesis.shard_path)
 
 
 class MixedTeachersError(ValueError):
@@ -36,12 +37,15 @@ class MixedSettingsError(ValueError):
 
 
 def find_shard_files(inputs: list[str], exclude: tuple[Path, ...] = ()) -> list[Path]:
-    """Directories give their shard-*.jsonl files; other arguments are files or glob patterns."""
+    """Directories give their shard-*.jsonl files; other arguments are files or glob patterns. The files in `exclude`
+    (what the merge writes) are left out where a glob finds them, e.g. the all.jsonl of an earlier merge in
+    'gen_data/*.jsonl'; named as an input, or a shard file, one would be overwritten: refused."""
+    excluded = {p.resolve() for p in exclude}
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(path.glob("shard-*.jsonl"))
+            found = sorted(path.glob(SHARD_PATTERN))
         elif path.is_file():
             found = [path]
         else:
@@ -49,8 +53,12 @@ def find_shard_files(inputs: list[str], exclude: tuple[Path, ...] = ()) -> list[
         if not found:
             raise FileNotFoundError(f"no shard files at {item}; pass the directory generate_data.py wrote "
                                     "(default gen_data/), shard files, or a glob such as 'gen_data/shard-*.jsonl'")
+        for file in found:
+            if file.resolve() in excluded and (path.is_file() or file.match(SHARD_PATTERN)):
+                other = file.with_name("merged.jsonl" if file.name == "all.jsonl" else "all.jsonl")
+                raise ValueError(f"{file} is one of the inputs and would be overwritten by this merge; pass an "
+                                 f"--output that is not an input, e.g. {other}")
         files.extend(found)
-    excluded = {p.resolve() for p in exclude}
     return list(dict.fromkeys(f for f in files if f.resolve() not in excluded))
 
 

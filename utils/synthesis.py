@@ -59,9 +59,10 @@ class SamplingConfig:
         if self.max_length < max(self.greedy_lengths):
             raise ValueError(f"--max-length {self.max_length} is shorter than the greedy prefix "
                              f"{max(self.greedy_lengths)}; raise --max-length or lower --greedy-lengths")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)) or self.top_k < 0:
-            raise ValueError(f"--temperature {self.temperature} must be a finite number > 0 and --top-k "
-                             f"{self.top_k} >= 0 (0 = no top-k filter)")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"--temperature {self.temperature} must be a finite number > 0 (paper: 1)")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k {self.top_k} must be 0 or more (paper: 50; 0 = no top-k filter)")
 
     def describe(self) -> str:
         """Recorded in every line, so a rerun with other settings cannot silently extend a shard."""
