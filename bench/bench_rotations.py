@@ -1,9 +1,10 @@
-"""Rotations before quantization-aware training (issue #14), on the demo's data and budget: held-out perplexity,
+"""Rotations before quantization-aware training, on the demo's data and budget: held-out perplexity,
 KL to the teacher and top-1 agreement of RTN and QAT at W4A4KV4, W4A4KV16 and W4A8KV4, without and with a
 Hadamard rotation, and the step-time overhead of the online rotations.
 
     python bench/bench_rotations.py                     # embedded SmolLM2-135M, CPU: about 40 minutes
     python bench/bench_rotations.py --rotate random --out bench_output/rotations
+    python bench/bench_rotations.py --bits 4-4-4            # one row pair: about 15 minutes
 
 Each setting runs `scripts/demo.sh` (synthesis shared and reused; FP, RTN, QAT and their evaluation), so the
 numbers are what `W_BITS=4 A_BITS=4 KV_BITS=4 KV_PLACEMENT=post_rope ROTATE=hadamard make demo` gives. Keys are
@@ -44,9 +45,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rotate", default="hadamard", choices=[kind for kind in ROTATIONS if kind != "none"])
     parser.add_argument("--out", default="bench_output/rotations", help="shared demo output folder (data is reused)")
+    parser.add_argument("--bits", nargs="+", default=["-".join(map(str, bits)) for bits in BITS],
+                        help="W-A-KV rows to run (default: %(default)s)")
     args = parser.parse_args()
     out = Path(args.out)
-    settings = [QATConfig(*bits, kv_placement="post_rope", rotate=rotate) for bits in BITS
+    settings = [QATConfig(*map(int, bits.split("-")), kv_placement="post_rope", rotate=rotate) for bits in args.bits
                 for rotate in ("none", args.rotate)]
     results = {config: demo_results(config, out) for config in settings}
 

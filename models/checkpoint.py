@@ -97,11 +97,11 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
                       "download that model again") from None
 
 
-def load_student(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> nn.Module:
-    """A saved model; a student (its config holds `llm_qat`) comes back quantized unless `quantized=False`
-    (its float latent weights, e.g. as a teacher; with the online rotations of a rotated student, without which
-    its float weights would not compute its function)."""
-    model = from_pretrained(path, dtype)
+def with_saved_structure(model: nn.Module, quantized: bool = True) -> nn.Module:
+    """`model`, just built from a saved config, made what its `llm_qat` settings say: the quantized student, or with
+    `quantized=False` its float function (16 bits, with the online rotations of a rotated student, without which its
+    float weights would not compute it). Every process builds a saved model through here, whether it reads the
+    weights or receives them (FSDP2's RAM-efficient loading), so all build the same one."""
     settings = getattr(model.config, CONFIG_KEY, None)
     saved = QATConfig(**settings) if settings else None
     if saved and quantized:
@@ -109,3 +109,9 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32, quantized
     elif saved and saved.rotate != "none":  # 16 bits everywhere, the rotations kept
         quantize_model(model, QATConfig(rotate=saved.rotate, rotate_seed=saved.rotate_seed))
     return model
+
+
+def load_student(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> nn.Module:
+    """A saved model; a student (its config holds `llm_qat`) comes back quantized unless `quantized=False` (its
+    float latent weights, e.g. as a teacher; see `with_saved_structure`)."""
+    return with_saved_structure(from_pretrained(path, dtype), quantized)

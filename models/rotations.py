@@ -1,4 +1,4 @@
-"""Orthogonal rotations before quantization (issue #14; QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024).
+"""Orthogonal rotations before quantization (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024).
 
 An orthogonal Q leaves a full-precision network's function unchanged where both sides of a product are rotated
 ((xQ)(WQ)^T = xW^T) but spreads a few outlier channels over all of them, so per-token 4-bit scales stop being
@@ -13,8 +13,10 @@ it where keys are quantized after RoPE. The rotations are pure functions of (kin
 in the state dict, and a reloaded checkpoint rebuilds the same ones from its config.
 
 `hadamard` is a randomised Walsh-Hadamard matrix D H / sqrt(n) (random signs D) with H = H_m (x) H_(2^k) for
-n = m 2^k, H_m from Paley's constructions, applied as two small matrix products; where no such m is known it
-falls back to `random` (the QR factor of a seeded Gaussian matrix) and warns.
+n = m 2^k, m the smallest order with a Hadamard matrix known here (Paley's constructions, or Williamson's for 172,
+which QuaRot uses for LLaMA-7B's 11008 = 172 * 2^6), applied as two small matrix products; where no such m is known
+it falls back to `random` (the QR factor of a seeded Gaussian matrix) and warns. docs/ROTATIONS.md lists the
+factors of common model widths. Folding applies the same factors to the weights, on their device.
 
 Written here rather than taken from llm-compressor's SpinQuant: that library is an optional extra tied to older
 transformers, its online rotations are hooks that cannot sit between this repository's input quantizer and the
@@ -23,6 +25,7 @@ standard library and the other remote-code files (see models/quantize.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from functools import lru_cache
@@ -53,7 +56,6 @@ def _legendre_matrix(p: int) -> torch.Tensor:
     return chi[(index[None, :] - index[:, None]) % p]
 
 
-@lru_cache(maxsize=None)
 def paley_hadamard(m: int) -> torch.Tensor | None:
     """A Hadamard matrix of order m from Paley's constructions (I: m = p + 1, p prime = 3 mod 4; II: m = 2(p + 1),
     p prime = 1 mod 4), or of order 1 or 2; None when neither gives one."""
@@ -74,6 +76,34 @@ def paley_hadamard(m: int) -> torch.Tensor | None:
     return None
 
 
+# Williamson matrices of order 43: symmetric circulant +-1 matrices A, B, C, D with A^2 + B^2 + C^2 + D^2 = 172 I
+# (Williamson 1944 gave the first; Holzmann, Kharaghani & Tayfeh-Rezaie 2008 list all up to order 59). Each is
+# written as the 21 bits of a_1..a_21 of its first row, bit i - 1 set where a_i = -1 (a_0 = 1, a_(43-i) = a_i);
+# row sums 11, -1, -5, -5. Found by a meet-in-the-middle search (pairs of first rows whose periodic autocorrelations
+# cancel, see docs/ROTATIONS.md) and checked in integers; tests/test_rotations.py checks H_172 H_172^T = 172 I.
+WILLIAMSON_43 = (0x00AD86, 0x1CE6D0, 0x15E875, 0x165CDC)
+
+
+def _symmetric_circulant(half_bits: int, order: int) -> torch.Tensor:
+    half = torch.tensor([-1.0 if half_bits >> i & 1 else 1.0 for i in range(order // 2)], dtype=torch.float64)
+    first_row = torch.cat([torch.ones(1, dtype=torch.float64), half, half.flip(0)])
+    index = torch.arange(order)
+    return first_row[(index[None, :] - index[:, None]) % order]
+
+
+def williamson_hadamard(quadruple: tuple[int, int, int, int], order: int) -> torch.Tensor:
+    """The Williamson array [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]: a Hadamard matrix of
+    order 4n when A..D are Williamson matrices of order n (symmetric circulants commute, so the blocks cancel)."""
+    a, b, c, d = (_symmetric_circulant(bits, order) for bits in quadruple)
+    return torch.cat([torch.cat(row, 1) for row in ((a, b, c, d), (-b, a, -d, c), (-c, d, a, -b), (-d, -c, b, a))])
+
+
+@lru_cache(maxsize=None)
+def hadamard_matrix(m: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order m known here (Paley's, or Williamson's for 172), or None."""
+    return williamson_hadamard(WILLIAMSON_43, 43) if m == 4 * 43 else paley_hadamard(m)
+
+
 def sylvester_hadamard(n: int) -> torch.Tensor:
     matrix = torch.ones(1, 1, dtype=torch.float64)
     while matrix.shape[0] < n:
@@ -85,7 +115,7 @@ def hadamard_factor(n: int) -> int | None:
     """The smallest m with a Hadamard matrix known here and n = m 2^k, or None."""
     power = n & -n  # the largest power of two dividing n
     for shift in range(power.bit_length()):  # m = n / 2^k, smallest first
-        if paley_hadamard(n // (power >> shift)) is not None:
+        if hadamard_matrix(n // (power >> shift)) is not None:
             return n // (power >> shift)
     return None
 
@@ -97,12 +127,12 @@ class Rotation:
         generator = torch.Generator().manual_seed(seed * STREAMS_PER_SEED + stream)  # the same on any machine
         m = hadamard_factor(n) if kind == "hadamard" else None
         if kind == "hadamard" and m is None:
-            warnings.warn(f"no Hadamard matrix of order {n} is known here (n = m 2^k with m = 1, 2 or a Paley order); "
-                          "using a random orthogonal matrix for this rotation", stacklevel=2)
+            warnings.warn(f"no Hadamard matrix of order {n} is known here (n = m 2^k with m = 1, 2, a Paley order or "
+                          "172); using a random orthogonal matrix for this rotation", stacklevel=2)
         self.n, self.m = n, m
         if m is not None:
             self.signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
-            self.outer, self.inner = paley_hadamard(m), sylvester_hadamard(n // m)
+            self.outer, self.inner = hadamard_matrix(m), sylvester_hadamard(n // m)
         else:
             gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
             q, r = torch.linalg.qr(gaussian)
@@ -117,24 +147,35 @@ class Rotation:
         return self._copies[key]
 
     def apply(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """x @ Q (x @ Q^T with `inverse`) on the last dimension, in x's dtype and device."""
-        if self.m is None:
-            (dense,) = self._factors(x)
-            return x @ (dense.T if inverse else dense)
-        signs, outer, inner = self._factors(x)
-        if not inverse:  # Q = D (H_m (x) H_2^k) / sqrt(n): x -> x D, then X -> H_m^T X H_2^k on its m x 2^k view
-            blocks = (x * signs).unflatten(-1, (self.m, self.n // self.m))
-            return (outer.T @ blocks @ inner).flatten(-2) / math.sqrt(self.n)
-        blocks = x.unflatten(-1, (self.m, self.n // self.m))
-        return (outer @ blocks @ inner.T).flatten(-2) * signs / math.sqrt(self.n)
+        """x @ Q (x @ Q^T with `inverse`) on the last dimension, computed in x's dtype (autocast or not) on x's
+        device."""
+        with _without_autocast(x.device.type):
+            if self.m is None:
+                (dense,) = self._factors(x)
+                return x @ (dense.T if inverse else dense)
+            signs, outer, inner = self._factors(x)
+            if not inverse:  # Q = D (H_m (x) H_2^k) / sqrt(n): x -> x D, then X -> H_m^T X H_2^k on its m x 2^k view
+                blocks = (x * signs).unflatten(-1, (self.m, self.n // self.m))
+                return (outer.T @ blocks @ inner).flatten(-2) / math.sqrt(self.n)
+            blocks = x.unflatten(-1, (self.m, self.n // self.m))
+            return (outer @ blocks @ inner.T).flatten(-2) * signs / math.sqrt(self.n)
 
     def matrix(self) -> torch.Tensor:
         return self.apply(torch.eye(self.n, dtype=torch.float64))
 
 
+def _without_autocast(device_type: str):
+    """Autocast would run the products in bfloat16 and round every rotated value; off where the device has it."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else contextlib.nullcontext()
+
+
 @lru_cache(maxsize=None)
 def rotation(kind: str, n: int, seed: int, stream: int) -> Rotation:
-    return Rotation(kind, n, seed, stream)
+    """The rotation, built once per process on the CPU: the cache outlives the caller's default device (a model
+    structure checked under `torch.device("meta")` would otherwise leave factors with no data for every later use)."""
+    with torch.device("cpu"):
+        return Rotation(kind, n, seed, stream)
 
 
 def rotate(x: torch.Tensor, kind: str, seed: int, stream: int, inverse: bool = False) -> torch.Tensor:
@@ -168,6 +209,11 @@ def check_rotatable(model: nn.Module) -> None:
                          f"{model_type!r}; use rotate='none' for this model")
 
 
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight in float64 on its own device, where folding computes (CPU and CUDA both have float64)."""
+    return tensor.detach().to(torch.float64)
+
+
 def _update(parameter: nn.Parameter, value: torch.Tensor) -> None:
     with torch.no_grad():
         parameter.copy_(value.to(parameter.dtype))
@@ -185,30 +231,32 @@ def _untie_output_layer(model: nn.Module) -> None:
 def rotate_model(model: nn.Module, kind: str, seed: int = 0) -> nn.Module:
     """Fold R1, R2 and R4's inverse into the weights of `model` (a full-precision LLaMA-family causal LM, or its
     student), in place. The rotated model needs `OnlineRotation(kind, intermediate_size, seed, DOWN_PROJ_INPUT)`
-    on down_proj's input to compute what it computed before (`models.quantize` puts it there)."""
+    on down_proj's input to compute what it computed before (`models.quantize` puts it there).
+    Each product W Q goes through the rotation's factors (`Rotation.apply`, Q^T W as (W^T Q)^T) in float64 on the
+    weight's device: a dense n x n Q would cost n^2 per weight row (about a TFLOP per LLaMA-7B layer)."""
     check_rotatable(model)
     _untie_output_layer(model)
     if getattr(model, WEIGHTS_UNREAD, False):
         return model
     decoder = model.get_decoder()
-    f64 = dict(dtype=torch.float64)
-    residual = rotation(kind, model.config.hidden_size, seed, RESIDUAL).matrix()
-    value = rotation(kind, head_dim(model), seed, VALUE).matrix()
-    down_input = rotation(kind, model.config.intermediate_size, seed, DOWN_PROJ_INPUT).matrix()
+    residual = rotation(kind, model.config.hidden_size, seed, RESIDUAL)
+    value = rotation(kind, head_dim(model), seed, VALUE)
+    down_input = rotation(kind, model.config.intermediate_size, seed, DOWN_PROJ_INPUT)
 
     def read(linears, norm):  # x -> norm(x) W^T becomes (x R1) -> unit_norm(x R1) (W diag(norm) R1)^T
-        scale = norm.weight.to(**f64) if norm is not None else 1
+        scale = _float64(norm.weight) if norm is not None else 1
         for linear in linears:
-            _update(linear.weight, (linear.weight.to(**f64) * scale) @ residual)
+            _update(linear.weight, residual.apply(_float64(linear.weight) * scale))
         if norm is not None:
             _update(norm.weight, torch.ones_like(norm.weight))
 
     def write(linear):  # y = x W^T + b becomes y R1 = x (R1^T W)^T + b R1
-        _update(linear.weight, residual.T @ linear.weight.to(**f64))
+        _update(linear.weight, residual.apply(_float64(linear.weight).T).T)
         if linear.bias is not None:
-            _update(linear.bias, linear.bias.to(**f64) @ residual)
+            _update(linear.bias, residual.apply(_float64(linear.bias)))
 
-    _update(model.get_input_embeddings().weight, model.get_input_embeddings().weight.to(**f64) @ residual)
+    embedding = model.get_input_embeddings()
+    _update(embedding.weight, residual.apply(_float64(embedding.weight)))
     for layer in decoder.layers:
         attention, mlp = layer.self_attn, layer.mlp
         read([attention.q_proj, attention.k_proj, attention.v_proj], layer.input_layernorm)
@@ -216,12 +264,13 @@ def rotate_model(model: nn.Module, kind: str, seed: int = 0) -> nn.Module:
         write(attention.o_proj)
         write(mlp.down_proj)
         # R2: each value head v_h -> v_h R2 (v_proj's rows), and o_proj reads each head's output through R2
-        v_rows = attention.v_proj.weight.to(**f64).unflatten(0, (-1, value.shape[0]))
-        _update(attention.v_proj.weight, (value.T @ v_rows).flatten(0, 1))
+        v_rows = _float64(attention.v_proj.weight).unflatten(0, (-1, value.n))  # [heads, head_dim, hidden]
+        _update(attention.v_proj.weight, value.apply(v_rows.mT).mT.flatten(0, 1))
         if attention.v_proj.bias is not None:
-            _update(attention.v_proj.bias, (attention.v_proj.bias.to(**f64).unflatten(0, (-1, value.shape[0])) @ value).flatten())
-        o_columns = attention.o_proj.weight.to(**f64).unflatten(1, (-1, value.shape[0]))
-        _update(attention.o_proj.weight, (o_columns @ value).flatten(1))
-        _update(mlp.down_proj.weight, mlp.down_proj.weight.to(**f64) @ down_input)  # its input turns into h R4
+            v_bias = _float64(attention.v_proj.bias).unflatten(0, (-1, value.n))
+            _update(attention.v_proj.bias, value.apply(v_bias).flatten())
+        o_columns = _float64(attention.o_proj.weight).unflatten(1, (-1, value.n))
+        _update(attention.o_proj.weight, value.apply(o_columns).flatten(1))
+        _update(mlp.down_proj.weight, down_input.apply(_float64(mlp.down_proj.weight)))  # its input turns into h R4
     read([model.get_output_embeddings()], decoder.norm)
     return model

@@ -5,14 +5,15 @@ DDP (the log says DistributedType.MULTI_CPU). FSDP2 itself works over gloo, so t
 right after the Trainer builds its Accelerator; everything else is train.py, KDTrainer, Accelerate and torch.
 After each teacher forward, each rank writes to <output_dir>/fsdp_rank<r>.json what it holds of the teacher, how many
 weight files it read (RAM-efficient loading: only rank 0 reads any), whether both models' embeddings are still
-tied, their rotary inv_freq, and its peak RSS once both models are loaded and once both are sharded
-(bench/bench_loading.py).
+tied, their rotary inv_freq, the sharded teacher's logits on a fixed probe input, and its peak RSS once both models
+are loaded and once both are sharded (bench/bench_loading.py).
 """
 import json
 import resource
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import transformers.modeling_utils
 from accelerate import PartialState
@@ -35,6 +36,15 @@ def counting_safe_open(file, *args, **kwargs):  # what from_pretrained opens to 
 
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+PROBE_IDS = torch.arange(3, 11)[None]  # the same input for every rank's teacher
+
+
+def probe_logits(teacher):
+    """The teacher's logits on PROBE_IDS, the first 16 of the vocabulary: enough to tell two functions apart."""
+    with torch.no_grad():
+        return teacher(input_ids=PROBE_IDS, use_cache=False).logits[..., :16].float()
 
 
 def tied(model):
@@ -70,6 +80,7 @@ class CPUFSDPTrainer(KDTrainer):
                   "tied": {"student": tied(model), "teacher": tied(self.teacher)},
                   "inv_freq": {"student": model.model.rotary_emb.inv_freq.tolist(),
                                "teacher": self.teacher.model.rotary_emb.inv_freq.tolist()},
+                  "teacher_probe_logits": probe_logits(self.teacher).tolist(),  # every rank gathers: collective
                   "peak_rss_mib": {"loaded": self.peak_rss_loaded_mib, "sharded": peak_rss_sharded_mib}}
         (Path(self.args.output_dir) / f"fsdp_rank{dist.get_rank()}.json").write_text(json.dumps(report))
         return loss

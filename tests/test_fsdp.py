@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fsdp_worker import probe_logits
 from safetensors.torch import load_file
 from test_train import logged_losses, tiny_teacher_dir, train_args  # noqa: F401 (tiny_teacher_dir: a fixture)
 from transformers import AutoModelForCausalLM
 
-from models import QuantLinear, quantize_model
+from models import QATConfig, QuantLinear, quantize_model, save_quantized
 from utils.data import PadCollator, TokenSequenceDataset
 from utils.kd_trainer import kd_loss
-from utils.loading import load_model
+from utils.loading import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "scripts" / "fsdp_config.json"
@@ -136,7 +137,6 @@ def test_sharded_checkpoints_resume_and_reload_as_the_quantized_student(tiny_tea
 def test_rotated_student_shards_with_the_rotation_folded_on_rank_0_only(tiny_teacher_dir, tmp_path):
     """Rank 1 builds the rotated structure without weights (an untied lm_head, online rotations) and gets rank 0's
     folded weights by broadcast: with learning rate 0 the saved student is the rotated teacher, weight for weight."""
-    from models import QATConfig
     output = tmp_path / "rotated"
     config = QATConfig(4, 4, 4, kv_placement="post_rope", rotate="hadamard")
     run_sharded(tiny_teacher_dir, output, "--max_steps", "1", *SGD, "--learning_rate", "0", "--a_bits", "4",
@@ -147,3 +147,18 @@ def test_rotated_student_shards_with_the_rotation_folded_on_rank_0_only(tiny_tea
     for name, parameter in expected.named_parameters():
         assert torch.equal(saved[name].float(), parameter.detach()), name
     assert QATConfig(**load_model(output).config.llm_qat) == config
+
+
+def test_a_rotated_checkpoint_teaches_the_same_function_on_every_rank(tiny_teacher_dir, tmp_path):
+    """A rotated QAT checkpoint as the teacher: rank 1 builds it without reading its weights and must keep its
+    online R4 as rank 0 (which reads them) does, or it distils from another function."""
+    root = tmp_path / "rotated"
+    teacher = quantize_model(load_model(tiny_teacher_dir / "teacher"), QATConfig(rotate="hadamard"))
+    save_quantized(teacher, root / "teacher", load_tokenizer(tiny_teacher_dir / "teacher"))
+    shutil.copyfile(tiny_teacher_dir / "data.jsonl", root / "data.jsonl")
+    run_sharded(root, tmp_path / "out", "--max_steps", "1", *SGD, "--a_bits", "4", "--kv_placement", "post_rope",
+                "--rotate", "hadamard")
+    expected = probe_logits(load_model(root / "teacher", dtype=torch.bfloat16, quantized=False))
+    first, second = (torch.tensor(report["teacher_probe_logits"]) for report in rank_reports(tmp_path / "out"))
+    assert torch.equal(first, second)
+    assert relative_error(first, expected) < 1e-2  # bf16 rounding

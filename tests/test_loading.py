@@ -3,9 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from models import quantize_model, quantized_modules, save_quantized
+from models import QATConfig, quantize_model, quantized_modules, save_quantized
 from utils import loading
-from utils.loading import load_model, resolve_model_path
+from utils.loading import load_model, load_weightless_model, resolve_model_path
 
 
 def logits(model, input_ids):
@@ -67,6 +67,21 @@ def test_save_and_load_round_trip_keeps_bits_and_logits(tiny_llama, tiny_input_i
     teacher = load_model(save_dir, quantized=False)
     assert not quantized_modules(teacher)
     assert torch.equal(logits(teacher, tiny_input_ids), float_logits)
+
+
+def test_a_weightless_student_is_built_as_the_loaded_one(tiny_llama, tiny_input_ids, tmp_path):
+    """FSDP2's RAM-efficient loading: a process that receives the weights builds the model the reading process
+    builds, here the float function of a rotated student with its online rotation."""
+    save_quantized(quantize_model(tiny_llama, QATConfig(4, 4, 16, rotate="hadamard")), tmp_path / "rotated")
+    loaded = load_model(tmp_path / "rotated", quantized=False)
+    weightless = load_weightless_model(tmp_path / "rotated")
+
+    def structure(model):
+        return [(name, type(module).__name__, module.extra_repr()) for name, module in model.named_modules()]
+
+    assert structure(weightless) == structure(loaded)
+    weightless.load_state_dict(loaded.state_dict())  # what the broadcast does
+    assert torch.equal(logits(weightless, tiny_input_ids), logits(loaded, tiny_input_ids))
 
 
 def test_student_loaded_by_remote_code_saves_again(tiny_llama, tiny_input_ids, tmp_path):

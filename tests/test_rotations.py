@@ -1,6 +1,6 @@
-"""Rotations before quantization (models/rotations.py, issue #14): the matrices are orthogonal and equal their
-definitions, the rotated float model computes the original's function, and the rotated student saves, reloads
-and quantizes what it should."""
+"""Rotations before quantization (models/rotations.py): the matrices are orthogonal and equal their definitions,
+folding through their factors equals the dense products, the rotated float model computes the original's function,
+and the rotated student saves, reloads and quantizes what it should."""
 import copy
 
 import pytest
@@ -11,8 +11,8 @@ from models import QATConfig, quantize_model
 from models.checkpoint import load_student, save_quantized
 from models.quantize import KVQuantizer
 from models.quantizers import fake_quantize
-from models.rotations import (KEY, WEIGHTS_UNREAD, hadamard_factor, paley_hadamard, rotate_model, rotation,
-                              sylvester_hadamard)
+from models.rotations import (DOWN_PROJ_INPUT, KEY, RESIDUAL, VALUE, WEIGHTS_UNREAD, Rotation, hadamard_factor,
+                              hadamard_matrix, paley_hadamard, rotate, rotate_model, rotation, sylvester_hadamard)
 
 F64 = dict(dtype=torch.float64)
 
@@ -43,9 +43,33 @@ def test_paley_constructions_give_hadamard_matrices(order):
     assert torch.equal(matrix @ matrix.T, order * torch.eye(order, **F64))
 
 
+def test_williamson_array_gives_a_hadamard_matrix_of_order_172():
+    matrix = hadamard_matrix(172)
+    assert set(matrix.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(matrix @ matrix.T, 172 * torch.eye(172, **F64))
+
+
 def test_hadamard_factors_of_the_embedded_model_and_unknown_orders():
     assert (hadamard_factor(64), hadamard_factor(576), hadamard_factor(1536)) == (1, 36, 12)  # head, hidden, MLP
     assert paley_hadamard(100) is None and hadamard_factor(100) is None
+
+
+# docs/ROTATIONS.md: hidden sizes of LLaMA 7B/13B/30B/65B, then intermediate sizes of LLaMA 7B/13B/30B/65B,
+# LLaMA-2/3 70B, LLaMA-3 8B and Mistral 7B, then head dimensions
+@pytest.mark.parametrize("width,factor", [(4096, 1), (5120, 20), (6656, 104), (8192, 1), (11008, 172), (13824, 108),
+                                          (17920, 140), (22016, 172), (28672, 28), (14336, 28), (128, 1), (64, 1)])
+def test_every_llama_width_has_a_small_hadamard_factor(width, factor):
+    assert hadamard_factor(width) == factor
+
+
+def test_llama_7b_intermediate_size_rotates_through_h172_and_is_orthogonal():
+    n = 11008
+    rotation_ = rotation("hadamard", n, 0, DOWN_PROJ_INPUT)
+    assert (rotation_.m, rotation_.inner.shape[0]) == (172, 64)  # not the dense 5504 x 5504 factor of Paley's
+    rows = torch.eye(n, **F64)[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:32]]
+    slab = rotation_.apply(rows)  # 32 rows of Q
+    assert torch.allclose(slab @ slab.T, torch.eye(32, **F64), atol=1e-12)
+    assert torch.allclose(rotation_.apply(slab, inverse=True), rows, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,n", [("hadamard", 64), ("hadamard", 96), ("random", 96), ("random", 50)])
@@ -63,6 +87,14 @@ def test_hadamard_rotation_is_signs_times_the_kronecker_product():
     rotation_ = rotation("hadamard", n, 5, KEY)
     reference = torch.diag(rotation_.signs) @ torch.kron(paley_hadamard(m), sylvester_hadamard(n // m)) / n ** 0.5
     assert torch.allclose(rotation_.matrix(), reference, atol=1e-12)
+
+
+def test_rotate_computes_in_float32_under_autocast():
+    x = torch.randn(4, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rotated, rotated_bf16 = rotate(x, "hadamard", 0, KEY), rotate(x.bfloat16(), "hadamard", 0, KEY)
+    assert rotated.dtype == torch.float32 and torch.equal(rotated, rotate(x, "hadamard", 0, KEY))
+    assert torch.equal(rotated_bf16, rotate(x.bfloat16().float(), "hadamard", 0, KEY).bfloat16())
 
 
 def test_unknown_hadamard_order_warns_and_falls_back_to_random():
@@ -90,6 +122,41 @@ def test_rotated_float_model_computes_the_original_logits(kind, config_class, ti
     assert not torch.allclose(student.model.layers[0].self_attn.q_proj.weight,
                               model.model.layers[0].self_attn.q_proj.weight)
     assert close(logits(student, tiny_input_ids), expected)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_folding_through_the_factors_equals_the_dense_matrices(kind, tiny_sizes, make_tiny_model, monkeypatch):
+    sizes = {**tiny_sizes, "hidden_size": 96, "intermediate_size": 160}  # H_12 x 8, H_12 x 2 per head, H_20 x 8
+    model = with_scaled_norms(make_tiny_model(LlamaConfig(**sizes), torch.float64))
+    config, layer = model.config, model.model.layers[0]
+    r1, r2, r4 = (rotation(kind, n, 0, stream).matrix() for n, stream in
+                  ((config.hidden_size, RESIDUAL), (config.head_dim, VALUE), (config.intermediate_size, DOWN_PROJ_INPUT)))
+    r2_per_kv_head = torch.block_diag(*[r2] * config.num_key_value_heads)
+    r2_per_head = torch.block_diag(*[r2] * config.num_attention_heads)
+    attention_norm, final_norm = layer.input_layernorm.weight, model.model.norm.weight
+    expected = {"model.embed_tokens.weight": model.model.embed_tokens.weight @ r1,
+                "model.layers.0.self_attn.q_proj.weight": layer.self_attn.q_proj.weight * attention_norm @ r1,
+                "model.layers.0.self_attn.v_proj.weight": r2_per_kv_head.T @ (layer.self_attn.v_proj.weight
+                                                                              * attention_norm) @ r1,
+                "model.layers.0.self_attn.o_proj.weight": r1.T @ layer.self_attn.o_proj.weight @ r2_per_head,
+                "model.layers.0.mlp.down_proj.weight": r1.T @ layer.mlp.down_proj.weight @ r4,
+                "lm_head.weight": model.lm_head.weight * final_norm @ r1}
+    expected = {name: value.detach().clone() for name, value in expected.items()}
+    monkeypatch.setattr(Rotation, "matrix", None)  # folding never builds a dense n x n matrix
+    folded = dict(rotate_model(model, kind).named_parameters())
+    for name, value in expected.items():
+        assert torch.allclose(folded[name], value, rtol=0, atol=1e-12), name
+
+
+def test_rotations_first_built_on_the_meta_device_still_rotate_real_weights(tiny_llama, tiny_input_ids):
+    """train.py checks the settings against the model's structure under torch.device("meta"); the rotations that
+    builds are cached for the real model after it."""
+    model = with_scaled_norms(tiny_llama.double())
+    rotation.cache_clear()
+    with torch.device("meta"):
+        quantize_model(AutoModelForCausalLM.from_config(copy.deepcopy(model.config)), QATConfig(rotate="hadamard"))
+    expected = logits(model, tiny_input_ids)
+    assert close(logits(quantize_model(model, QATConfig(rotate="hadamard")), tiny_input_ids), expected)
 
 
 def test_without_its_online_rotation_the_rotated_model_differs(tiny_llama, tiny_input_ids):

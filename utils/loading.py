@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from models.checkpoint import load_student
+from models.checkpoint import load_student, with_saved_structure
 from models.export import is_packed_export, load_packed
 from models.rotations import WEIGHTS_UNREAD
 
@@ -137,10 +137,11 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
 
 def load_weightless_model(name_or_path: str | None, dtype: torch.dtype = torch.float32):
     """The model without reading its weights, for a process whose shards another process will broadcast (FSDP2's
-    `cpu_ram_efficient_loading`). Buffers are real (each process keeps its own non-persistent ones, rotary
-    inv_freq, which the broadcast does not carry); parameters are uninitialised CPU memory, which stays unresident
-    until Accelerate drops it for the shards. Not the meta device: Accelerate maps the optimizer's parameters to
-    the shards by address, and every meta tensor has address 0."""
+    `cpu_ram_efficient_loading`): built as `load_model(..., quantized=False)` builds it (a rotated student keeps its
+    online rotations), so every process runs the same function. Buffers are real (each process keeps its own
+    non-persistent ones, rotary inv_freq, which the broadcast does not carry); parameters are uninitialised CPU
+    memory, which stays unresident until Accelerate drops it for the shards. Not the meta device: Accelerate maps the
+    optimizer's parameters to the shards by address, and every meta tensor has address 0."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(name_or_path)),
                                                  dtype=dtype)
@@ -148,7 +149,7 @@ def load_weightless_model(name_or_path: str | None, dtype: torch.dtype = torch.f
         set_module_tensor_to_device(model, name, "cpu", torch.empty_like(parameter, device="cpu"))
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers: the tie made inside is lost
     setattr(model, WEIGHTS_UNREAD, True)  # a rotation (--rotate) changes its structure only: the weights come later
-    return model.eval()
+    return with_saved_structure(model, quantized=False).eval()
 
 
 def load_model_and_tokenizer(name_or_path: str | None = None, **kwargs):
