@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 # install your CUDA build of torch into .venv first and run `make setup KEEP_TORCH=1`: the rest of the lock applies.
 KEEP_TORCH ?=
 
-.PHONY: setup baselines peers test demo table bench lock clean
+.PHONY: setup baselines peers vllm test demo table bench lock clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,13 @@ peers: .venv-peers/.installed
 .venv-peers/.installed: locks/peers.txt pyproject.toml
 	$(call make_env,.venv-peers,locks/peers.txt)
 
+# vLLM's CPU build (scripts/serve_check.py): it pins transformers < 5.20 and compressed-tensors 0.17, so it gets its own
+# environment; its torchvision, torchaudio and torchcodec wheels break `import transformers` and are left out.
+vllm: .venv-vllm/.installed
+
+.venv-vllm/.installed: locks/vllm.txt pyproject.toml
+	$(call make_env,.venv-vllm,locks/vllm.txt)
+
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q   # the tests never need the network
 
@@ -57,6 +64,7 @@ lock:
 	bash scripts/lock.sh main
 	bash scripts/lock.sh baselines baselines
 	bash scripts/lock.sh peers bench
+	bash scripts/lock.sh vllm vllm torchvision torchaudio torchcodec
 
 clean:
 	rm -rf demo_output output gen_data table_output
