@@ -13,14 +13,20 @@ import logging
 import torch
 from transformers import AutoConfig
 
-from utils.cli import check_positions, user_errors
-from utils.loading import DEFAULT_MODEL_NAME, load_model, load_tokenizer, resolve_model_path
-from utils.records import TeacherIdentity, teacher_name
-from utils.synthesis import (PRESETS, SamplingConfig, apply_preset, choose_start_tokens, default_batch_size,
-                             eligible_start_tokens, ensure_writable_dir, resolve_device, resolve_shard,
-                             shard_path, shard_start_tokens, synthesize_shard)
+from utils.data.records import DEFAULT_MODEL_NAME, TeacherIdentity, teacher_name
+from utils.data.sampler import SamplingConfig, default_batch_size, resolve_device
+from utils.data.start_tokens import choose_start_tokens, eligible_start_tokens, resolve_shard, shard_start_tokens
+from utils.data.synthesis import shard_path, synthesize_shard
+from utils.safety import check_positions, ensure_writable_dir, user_errors
+from utils.training.loading import load_model, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("generate_data")
+
+# Values a preset fills in for the flags the user left out. "paper" = the released code's run.
+PRESETS = {
+    "paper": {"num_start_tokens": None, "max_length": 2048},
+    "quick": {"num_start_tokens": 16, "max_length": 128},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "what fits the GPU's free memory on CUDA)")
     parser.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     return parser
+
+
+def apply_preset(args, cuda_available: bool) -> str:
+    """Fill the flags the user left out (None) from a preset: "paper" on a GPU, "quick" (a small shard
+    that finishes in about a minute) on CPU. An explicit flag always wins."""
+    preset = args.preset or ("paper" if cuda_available else "quick")
+    values = PRESETS[preset]
+    if args.start_token_range is None and args.num_start_tokens is None and not args.all_start_tokens:
+        args.num_start_tokens = values["num_start_tokens"]
+    if args.max_length is None:
+        args.max_length = values["max_length"]
+    return preset
 
 
 def main(argv=None):

@@ -9,8 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.cli import user_errors
-from utils.merge import find_shard_files, heldout_file, merge_shards
+from utils.data.merge import find_shard_files, heldout_file, merge_shards
+from utils.safety import user_errors
 
 logger = logging.getLogger("merge_gen_data")
 

@@ -27,11 +27,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from models.checkpoint import damaged_weight_file, saved_settings, write_remote_code
 from models.quantize import QATConfig, quantize_model, quantized_modules
-from utils.cli import check_positions, ensure_writable_dir, user_errors
-from utils.data import PadCollator, TokenSequenceDataset
-from utils.kd_trainer import LOSSES, REDUCTIONS, KDTrainer
-from utils.loading import load_model, load_tokenizer, load_weightless_model, model_display_name, resolve_model_path
-from utils.records import TeacherIdentity
+from utils.data.dataset import PadCollator, TokenSequenceDataset
+from utils.data.records import TeacherIdentity, model_display_name
+from utils.safety import check_positions, ensure_writable_dir, user_errors
+from utils.training.kd_trainer import LOSSES, REDUCTIONS, KDTrainer
+from utils.training.loading import load_model, load_tokenizer, load_weightless_model, resolve_model_path
 
 logger = logging.getLogger("train")
 TRAIN_DEFAULT_BITS = dict(w_bits=4, a_bits=8, kv_bits=4)  # the paper's headline setting (QATConfig's own: 16)
@@ -170,7 +170,7 @@ def check_against_model(config: PretrainedConfig, qat_config: QATConfig, model_m
 
 
 def reads_weights(training_args: TrainingArguments) -> bool:
-    """False on every process but the first under FSDP2 with `cpu_ram_efficient_loading` (issue "Paper scale on
+    """False on every process but the first under FSDP2 with `cpu_ram_efficient_loading` (README "Paper scale on
     GPUs"): Accelerate's `fsdp2_prepare_model` then fills each process's shards by broadcast from process 0's full
     state dict, so one copy of each model is read instead of one per process. (transformers 5's own switch for this,
     `is_fsdp_enabled()`, still reads the weights on every process, and is only on once the Accelerator exists.)"""
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_state()
     if trainer.is_world_process_zero():
         write_remote_code(training_args.output_dir)
-        logger.info("Saved the W%dA%dKV%d student to %s (reload: utils.loading.load_model, or "
+        logger.info("Saved the W%dA%dKV%d student to %s (reload: utils.training.loading.load_model, or "
                     "from_pretrained(..., trust_remote_code=True))", qat_config.w_bits, qat_config.a_bits,
                     qat_config.kv_bits, training_args.output_dir)
 

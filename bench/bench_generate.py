@@ -1,4 +1,4 @@
-"""Generated tokens per second: the batched hybrid sampler of utils/synthesis.py against the released code's
+"""Generated tokens per second: the batched hybrid sampler of utils/data/sampler.py against the released code's
 loop (one sequence at a time: a greedy `model.generate` for the first K tokens, then a sampled `generate` for
 the rest). Same teacher, lengths and device. Both run every sequence to --max-length (EOS does not stop them),
 so both do the same amount of work per sequence. The loop is slow, so it times only its first
@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from utils.loading import load_model_and_tokenizer
-from utils.synthesis import SamplingConfig, eligible_start_tokens, generate_batch, resolve_device
+from utils.data.sampler import SamplingConfig, generate_batch, resolve_device
+from utils.data.start_tokens import eligible_start_tokens
+from utils.training.loading import load_model_and_tokenizer
 
 
 def batched_run(model, start_tokens, config):

@@ -1,4 +1,4 @@
-"""Peak RSS per rank at start-up of an FSDP2 run, with and without RAM-efficient loading (issue "Paper scale on GPUs").
+"""Peak RSS per rank at start-up of an FSDP2 run, with and without RAM-efficient loading (README "Paper scale on GPUs").
 
     python bench/bench_loading.py                     # embedded SmolLM2-135M, 2 CPU processes (gloo)
     python bench/bench_loading.py --model DIR --nproc 4
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from utils.loading import load_model, load_tokenizer
+from utils.training.loading import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

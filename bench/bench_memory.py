@@ -6,7 +6,7 @@ Each case runs in a fresh process that builds the fp32 teacher and the W4A8KV4 s
 AdamW, and takes two training steps as KDTrainer does (teacher forward, student forward, chunked KL, backward,
 optimizer step) on random token ids, no padding. Measured = peak RSS minus the RSS before the models were built
 (Python, torch and transformers themselves: the CPU's counterpart of the CUDA context, which the prediction
-leaves out). Predicted = `utils.memory_plan` for one device in fp32, margin excluded.
+leaves out). Predicted = `utils.training.memory_plan` for one device in fp32, margin excluded.
 
 Every case is measured twice: with glibc's default allocator, which keeps freed blocks below its (growing)
 mmap threshold for reuse, so RSS also counts memory the step no longer uses; and with
@@ -27,9 +27,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from models import quantize_model
-from utils.kd_trainer import kd_loss
-from utils.loading import resolve_model_path
-from utils.memory_plan import GIB, TrainingSetup, model_shape, plan_memory
+from utils.training.kd_trainer import kd_loss
+from utils.training.loading import resolve_model_path
+from utils.training.memory_plan import GIB, TrainingSetup, model_shape, plan_memory
 
 TINY_LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)

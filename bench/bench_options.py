@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from models.quantize import QATConfig, quantize_model
-from utils.loading import load_model
+from utils.training.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from models.quantize import QATConfig, quantize_model
-from utils.data import PadCollator, TokenSequenceDataset
-from utils.kd_trainer import KDTrainer
-from utils.loading import load_model, load_tokenizer
-from utils.metrics import teacher_fidelity, token_sequences
+from utils.data.dataset import PadCollator, TokenSequenceDataset
+from utils.evaluation.metrics import teacher_fidelity, token_sequences
+from utils.training.kd_trainer import KDTrainer
+from utils.training.loading import load_model, load_tokenizer
 
 DEMO_DATA = Path("demo_output/data-n96-h8-len128-seed0")  # scripts/demo.sh's defaults
 SEQ_LEN, BATCH_SIZE, LEARNING_RATE = 128, 4, 1e-4

@@ -1,6 +1,6 @@
-"""What limits how much of the RTN -> FP gap LLM-QAT closes at CPU scale (issue #15, part 5): one W-A-KV row of the
-paper table (scripts/paper_table.py) under several training settings, and the share of the gap each closes on
-held-out generated sequences and on real text.
+"""What limits how much of the RTN -> FP gap LLM-QAT closes at CPU scale (against an 80 % target at 4-8-4): one
+W-A-KV row of the paper table (scripts/paper_table.py) under several training settings, and the share of the gap
+each closes on held-out generated sequences and on real text.
 
     python bench/bench_qat_budget.py                                   # embedded SmolLM2-135M, CPU: ~7 min a row
     python bench/bench_qat_budget.py --settings lr=1e-4 lr=1e-3,epochs=2 --out table_output

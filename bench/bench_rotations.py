@@ -26,7 +26,7 @@ import torch
 from bench_options import demo_results, student_seconds
 from models.quantize import QATConfig
 from models.rotations import ROTATIONS
-from utils.loading import load_model
+from utils.training.loading import load_model
 
 BITS = ((4, 4, 4), (4, 4, 16), (4, 8, 4))
 

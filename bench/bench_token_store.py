@@ -1,4 +1,4 @@
-"""Memory of the training dataset per rank: Python lists (the dataset before utils/token_store.py) vs the
+"""Memory of the training dataset per rank: Python lists (the dataset before utils/data/token_store.py) vs the
 memory-mapped token store, on synthetic .jsonl files of random token ids (sequences of 2048 tokens).
 
     python bench/bench_token_store.py                          # 2M and 20M tokens, LLaMA's 32,000-token vocabulary
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import TokenSequenceDataset, read_token_sequences
+from utils.data.dataset import TokenSequenceDataset, read_token_sequences
 
 KINDS = ("lists (before)", "store, building", "store, reusing")
 MIB = 2**20

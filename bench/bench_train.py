@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from models import quantize_model
-from utils.kd_trainer import kd_loss
-from utils.loading import load_model
+from utils.training.kd_trainer import kd_loss
+from utils.training.loading import load_model
 
 CONFIGS = {  # name: (bits W-A-KV, loss)
     "KD 16-16-16, chunked KL": ((16, 16, 16), "chunked"),
@@ -84,7 +84,8 @@ def loss_alone(args, vocab: int) -> list[tuple[str, float, float]]:
     torch.manual_seed(0)
     teacher = torch.randn(args.batch_size, args.seq_len, vocab, device=device, dtype=getattr(torch, args.dtype))
     rows = []
-    for name, loss_fn in (("naive KL (released code)", naive_kd_loss), ("chunked KL (utils/kd_trainer.py)", kd_loss)):
+    for name, loss_fn in (("naive KL (released code)", naive_kd_loss),
+                          ("chunked KL (utils/training/kd_trainer.py)", kd_loss)):
         student = teacher.clone().add_(1.0).requires_grad_()
         saved = []
 

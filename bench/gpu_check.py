@@ -9,7 +9,7 @@ one Markdown table for docs/BENCHMARKS.md.
 Parts (measured in bench/gpu_check_parts.py):
   (a) memory: a random LLaMA-7B-shaped W4A8KV4 student and its bf16 teacher, trained by KDTrainer under FSDP2
       (scripts/fsdp_config.json, one process), bf16 mixed precision, gradient checkpointing, batch 1 x 2048: peak
-      memory against utils.memory_plan's plan. With as many of LLaMA-7B's 32 layers as the plan fits the card.
+      memory against utils.training.memory_plan's plan. With as many of LLaMA-7B's 32 layers as the plan fits the card.
   (b) step time: the same run without fake quantizers (16-16-16), median step after warm-up, and the ratio.
   (c) R4: down_proj's online Hadamard rotation alone against down_proj's matmul, input [2048, 11008] bf16.
   (d) GPU vs CPU: one W4A8KV4 QAT step of the embedded SmolLM2-135M in float32 on both, relative differences.

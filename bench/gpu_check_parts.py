@@ -30,10 +30,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
 from models import QATConfig, quantize_model
 from models.rotations import DOWN_PROJ_INPUT, OnlineRotation, rotation
 from train import QATTrainingArguments
-from utils.data import PadCollator
-from utils.kd_trainer import KDTrainer, kd_loss
-from utils.loading import load_model
-from utils.memory_plan import GIB, TrainingSetup, load_config, model_shape, plan_memory
+from utils.data.dataset import PadCollator
+from utils.training.kd_trainer import KDTrainer, kd_loss
+from utils.training.loading import load_model
+from utils.training.memory_plan import GIB, TrainingSetup, load_config, model_shape, plan_memory
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "scripts" / "fsdp_config.json"
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -189,7 +189,7 @@ def train_steps(settings: Namespace, qat: QATConfig, config: LlamaConfig, layers
 
 
 def measure_memory(settings: Namespace) -> dict:
-    """(a) The W4A8KV4 run's memory against utils.memory_plan's plan for the same setting."""
+    """(a) The W4A8KV4 run's memory against utils.training.memory_plan's plan for the same setting."""
     config = shipped_config(settings)
     layers = check_layers(settings, config)
     run = train_steps(settings, QAT, config, layers)

@@ -1,18 +1,11 @@
-"""Export a QAT student as a checkpoint that is actually small (`packed`) or plain float (`folded`).
+"""Export a QAT student as a checkpoint that is actually small (`packed`) or plain float (`folded`): the writer.
 
-LLM-QAT (Liu et al., 2023) only fake-quantizes: its checkpoints hold full-size float weights. Here the
-quantized weights of every `QuantLinear` are written out as what they are, integer codes times one scale
-per output channel (paper eq. 1, symmetric MinMax; on the full grid of the "deploy" recipe, compressed-tensors'):
+LLM-QAT (Liu et al., 2023) only fake-quantizes: its checkpoints hold full-size float weights. An export writes the
+quantized weights of every `QuantLinear` as what they are:
 
-  - `packed`: the compressed-tensors format that vLLM and llm-compressor load. W2..W7 use its
-    `pack-quantized` layout (32 codes of b bits densely in b int32 words: two 4-bit codes per byte),
-    W8 its `int-quantized` layout (one int8 per code). Scales stay float32, so codes * scale is the
-    student's weight bit for bit. Activations are recorded as dynamic per-token at A bits
-    (`input_activations`); the KV quantizer, which the paper puts on the k/v projection outputs, as
-    dynamic per-token `output_activations` of k_proj/v_proj. The exact settings also stay under
-    `llm_qat`, which `load_packed` uses to rebuild the student with this repo's own quantizers. With the
-    full grid (recipe "deploy") those schemes are the student's own quantizers, so plain transformers +
-    compressed-tensors run the export as trained (pre-RoPE KV; docs/EXPORT.md says which engine runs what).
+  - `packed`: integer codes and scales in the compressed-tensors format that vLLM and llm-compressor load
+    (models/packed.py: the format, and loading it back). The exact settings also stay under `llm_qat`, which
+    `load_packed` uses to rebuild the student with this repo's own quantizers.
   - `folded`: a plain Hugging Face checkpoint whose float weights already hold the dequantized values;
     `llm_qat` stays in its config, so `load_student` rebuilds the same student from it.
 Both record their format under `llm_qat_export`, and whatever loads them uses the stored weights (codes * scales) as
@@ -22,10 +15,9 @@ Embeddings, norms and lm_head stay float, in the dtype the checkpoint was saved 
 (`rotate`, models/rotations.py) exports its weights with R1, R2 and R4's inverse folded in, as it trained them;
 its online rotations are recorded under `llm_qat` only, so only `load_packed` / `load_student` run it as trained.
 
-This module owns the packed format: it writes it (`export_packed`), recognises it (`is_packed_export`) and
-reads it back (`load_packed`). An export is written beside its target and renamed into place, so an
-interrupted export leaves nothing half-written; it never writes into a training run or over files the user
-did not ask to replace.
+An export never writes into a training run or over files the user did not ask to replace, and is written beside its
+target and renamed into place, so an interrupted export leaves nothing half-written. (utils/safety.py has the same
+staged write for the stages above; models/ imports nothing of them, so this one is its own.)
 """
 from __future__ import annotations
 
@@ -36,13 +28,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_student, saved_config, saved_settings
-from .quantize import CONFIG_KEY, EXPORT_KEY, KV_PROJECTIONS, QATConfig, QuantLinear, quantize_model, quantized_modules
-from .quantizers import FULL_PRECISION, grouped, symmetric_codes
+from .packed import compressed_tensors_config, dequantized_weight, integer_weight
+from .quantize import CONFIG_KEY, EXPORT_KEY, QATConfig, quantized_modules
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +43,6 @@ PACKABLE_BITS = range(2, 9)
 # Files of a checkpoint that an export rewrites itself or leaves behind; the rest (tokenizer files) is copied.
 _NOT_COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json", "trainer_state.json")
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".py", ".pt", ".pth")
-
-
-def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integer codes (int8, [out, in]) and scales (float: [out, 1] per channel, [out, in / G] per group of
-    G columns) of `layer`'s weight, with codes * scales (per group) == `layer.quantized_weight()` bit for bit: the
-    same scale and rounding as `models.quantizers` on the layer's grid."""
-    weight = layer.weight.detach()
-    codes, scales = symmetric_codes(grouped(weight, layer.w_group_size), layer.w_bits, layer.grid)
-    if layer.w_group_size:
-        codes, scales = codes.reshape(weight.shape), scales.squeeze(-1)
-    return codes.to(torch.int8), scales
-
-
-def dequantized_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """codes * scales, each scale applied to its channel or group of columns."""
-    return codes.float() * scales.repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1)
 
 
 def checkpoint_settings(path: Path) -> QATConfig:
@@ -167,40 +142,6 @@ def _with_plain_linears(model: nn.Module, weights: dict[str, torch.Tensor]) -> N
         setattr(model.get_submodule(parent), child, plain)
 
 
-def compressed_tensors_config(settings: dict, layer_names: list[str], output_layer: str):
-    """The compressed-tensors QuantizationConfig describing a student with `settings` (llm_qat dict)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-    w_bits, a_bits, kv_bits = settings["w_bits"], settings["a_bits"], settings["kv_bits"]
-    storage = "int-quantized" if w_bits == 8 else "pack-quantized"
-    group_size = settings.get("w_group_size")
-    weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True, strategy="group" if group_size else
-                               "channel", group_size=group_size)
-    activations = None if a_bits == FULL_PRECISION else QuantizationArgs(
-        num_bits=a_bits, type="int", symmetric=settings["act_symmetric"], strategy="token", dynamic=True)
-    kv = None if kv_bits == FULL_PRECISION else QuantizationArgs(
-        num_bits=kv_bits, type="int", symmetric=True, strategy="token", dynamic=True)
-
-    def leaf_regex(names):  # one target per projection kind, e.g. "re:.*\.(q_proj|o_proj)$"
-        leaves = sorted({name.rpartition(".")[2] for name in names})
-        return [rf"re:.*\.({'|'.join(leaves)})$"]
-
-    # pre_rope: the KV quantizer sits on the k/v projection outputs; post_rope: on the cache (keys after rotary
-    # embedding), which is what compressed-tensors' kv_cache_scheme describes.
-    post_rope = settings.get("kv_placement") == "post_rope"
-    kv_layers = [] if post_rope else [name for name in layer_names if name.rpartition(".")[2] in KV_PROJECTIONS]
-    other_layers = [name for name in layer_names if name not in kv_layers]
-    groups = {}
-    if other_layers:
-        groups["group_0"] = QuantizationScheme(targets=leaf_regex(other_layers), weights=weights,
-                                               input_activations=activations, format=storage)
-    if kv_layers:
-        groups["group_1"] = QuantizationScheme(targets=leaf_regex(kv_layers), weights=weights,
-                                               input_activations=activations, output_activations=kv, format=storage)
-    return QuantizationConfig(config_groups=groups, ignore=[output_layer], format=storage,
-                              kv_cache_scheme=kv if post_rope else None, quantization_status="frozen")
-
-
 def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Write the QAT checkpoint directory as a compressed-tensors checkpoint of integer weights; return `out_dir`."""
     from compressed_tensors.compressors import ModelCompressor
@@ -253,66 +194,3 @@ def export(checkpoint: str | Path, out_dir: str | Path, export_format: str = PAC
     if export_format not in FORMATS:
         raise ValueError(f"unknown export format {export_format!r}; use one of: {', '.join(FORMATS)}")
     return (export_packed if export_format == PACKED else export_folded)(checkpoint, out_dir, force)
-
-
-def is_packed_export(path: str | Path) -> bool:
-    """A `scripts/export.py --format packed` checkpoint (compressed-tensors integer weights plus `llm_qat`)."""
-    config = saved_config(path)
-    return bool(config.get(CONFIG_KEY)) and (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
-
-
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-        except SafetensorError as err:
-            raise OSError(f"{file} cannot be read ({err}); the file is truncated or damaged: export it again") from None
-    return tensors
-
-
-def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a `packed` export back as the quantized student (float32).
-
-    compressed-tensors' own decompressor turns each layer's packed codes and scales back into weights,
-    bit-identical to the student's fake-quantized weights. The student's activation and KV quantizers are
-    then put back from `llm_qat`: on the paper's grid compressed-tensors' dynamic quantizers use a different
-    range (scale = max|x| / (2^(b-1) - 0.5), codes down to -2^(b-1)), so running its forward would not give the
-    student's logits; on the full grid they would (pre-RoPE KV), and this gives the same."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils.match import match_named_modules, match_targets
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    packing = getattr(config, "quantization_config", None)
-    settings = getattr(config, CONFIG_KEY, None)
-    if not packing or not settings:
-        raise ValueError(f"{path} is not a packed export (its config.json needs 'quantization_config' and "
-                         f"'{CONFIG_KEY}'); create one with: python scripts/export.py CKPT {path} --format packed")
-    packing = QuantizationConfig.model_validate(packing)
-    del config.quantization_config  # the weights are decompressed here, not by transformers' quantizer
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-    tensors = _read_tensors(path)
-    schemes = {target: scheme for scheme in packing.config_groups.values() for target in scheme.targets}
-    state = {}
-    for name, module in match_named_modules(model, schemes, packing.ignore):
-        scheme = schemes[match_targets(name, module, schemes)[0]]
-        prefix = f"{name}."
-        local = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        decompressor = BaseCompressor.get_value_from_registry(scheme.format)
-        weight = decompressor.decompress(local, scheme)["weight"]
-        state[f"{prefix}weight"] = weight.to(torch.float32)
-        if "bias" in local:
-            state[f"{prefix}bias"] = local["bias"]
-    state.update(tensors)  # embeddings, norms, lm_head
-    result = model.load_state_dict(state, strict=False)
-    tied = {f"{name}.weight" for name, module in model.named_modules()
-            if module is model.get_output_embeddings() and config.tie_word_embeddings}
-    if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise ValueError(f"{path} does not match its config: missing {sorted(set(result.missing_keys) - tied)}, "
-                         f"unexpected {result.unexpected_keys}; export it again with scripts/export.py")
-    return quantize_model(model, **settings).to(device).eval()

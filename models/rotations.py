@@ -197,8 +197,8 @@ class OnlineRotation(nn.Module):
         return f"{self.kind}, n={self.n}, seed={self.seed}"
 
 
-def head_dim(model: nn.Module) -> int:
-    config = model.config
+def head_dim(config) -> int:
+    """The width of one attention head: the config's `head_dim` where it sets one, else hidden size / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -240,7 +240,7 @@ def rotate_model(model: nn.Module, kind: str, seed: int = 0) -> nn.Module:
         return model
     decoder = model.get_decoder()
     residual = rotation(kind, model.config.hidden_size, seed, RESIDUAL)
-    value = rotation(kind, head_dim(model), seed, VALUE)
+    value = rotation(kind, head_dim(model.config), seed, VALUE)
     down_input = rotation(kind, model.config.intermediate_size, seed, DOWN_PROJ_INPUT)
 
     def read(linears, norm):  # x -> norm(x) W^T becomes (x R1) -> unit_norm(x R1) (W diag(norm) R1)^T

@@ -1,5 +1,6 @@
 """A training-free baseline of the paper's Table 1, by llm-compressor (GPTQ or SmoothQuant), saved as a float model
-directory that `scripts/evaluate.py DIR W A KV --teacher MODEL` evaluates at a W-A-KV setting (utils/baselines.py).
+directory that `scripts/evaluate.py DIR W A KV --teacher MODEL` evaluates at a W-A-KV setting
+(utils/evaluation/baselines.py).
 
     .venv-baselines/bin/python scripts/baseline.py gptq --w-bits 4 --calibration gen_data/all.jsonl --output baselines/gptq-w4
     .venv-baselines/bin/python scripts/baseline.py smoothquant --calibration gen_data/all.jsonl --output baselines/sq
@@ -13,8 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.baselines import BASELINES, check_baseline_args, run_baseline
-from utils.cli import ensure_writable_dir, user_errors
+from utils.evaluation.baselines import BASELINES, check_baseline_args, run_baseline
+from utils.safety import ensure_writable_dir, user_errors
 
 
 def main(argv=None):

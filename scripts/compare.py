@@ -12,8 +12,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.cli import user_errors
-from utils.compare import load_results, write_report
+from utils.report.compare import load_results, write_report
+from utils.safety import user_errors
 
 
 def main(argv=None) -> None:

@@ -71,7 +71,7 @@ train() {
     bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED"
 }
 
-stage "1. environment and embedded model" "$PYTHON" -c "from utils.loading import embedded_model_dir; print('[demo] teacher cached at', embedded_model_dir())"
+stage "1. environment and embedded model" "$PYTHON" -c "from utils.training.loading import embedded_model_dir; print('[demo] teacher cached at', embedded_model_dir())"
 stage "2. synthesize data ($NUM_START_TOKENS start tokens x 3, $SEQ_LEN tokens)" synthesize
 stage "3a. evaluate FP teacher" evaluate fp default
 stage "3b. evaluate RTN $BITS" evaluate "rtn-$BITS" default "$W_BITS" "$A_BITS" "$KV_BITS" "${rtn_options[@]}"

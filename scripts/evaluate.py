@@ -7,9 +7,9 @@
 
 Method: `qat` for a saved QAT checkpoint, `rtn` for a full-precision model quantized here with W A KV bits
 (round-to-nearest, the paper's training-free baseline), `gptq` / `smoothquant` for a model written by
-scripts/baseline.py, evaluated at W A KV with its own weights (utils/baselines.py), `fp` otherwise. Always measured: perplexity on
-`--text-file` (default: a built-in paragraph); with `--heldout`, KL to the teacher and top-1 agreement; with
-tasks, the lm-eval harness (zero-shot).
+scripts/baseline.py, evaluated at W A KV with its own weights (utils/evaluation/baselines.py), `fp` otherwise.
+Always measured: perplexity on `--text-file` (default: a built-in paragraph); with `--heldout`, KL to the teacher
+and top-1 agreement; with tasks, the lm-eval harness (zero-shot).
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from transformers import AutoConfig
 from models.checkpoint import saved_settings
 from models.quantize import CONFIG_KEY, KV_PLACEMENTS, RECIPES, QATConfig, quantize_model
 from models.rotations import ROTATIONS
-from utils.baselines import applied_quantization, saved_baseline
-from utils.cli import check_output_file, check_positions, user_errors
-from utils.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
-from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
-from utils.metrics import perplexity, teacher_fidelity, token_sequences
-from utils.records import TeacherIdentity
+from utils.data.records import TeacherIdentity, model_display_name
+from utils.evaluation.baselines import applied_quantization, saved_baseline
+from utils.evaluation.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
+from utils.evaluation.metrics import perplexity, teacher_fidelity, token_sequences
+from utils.safety import check_output_file, check_positions, user_errors
+from utils.training.loading import load_model, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("evaluate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 from models.export import FORMATS, PACKED, export
-from utils.cli import user_errors
-from utils.loading import resolve_model_path
+from utils.safety import user_errors
+from utils.training.loading import resolve_model_path
 
 
 def weight_bytes(directory: Path) -> int:

@@ -1,50 +1,53 @@
-"""The paper's results as one command (issue #15): for every W-A-KV row, FP, RTN, GPTQ, SmoothQuant and LLM-QAT with
-the same metrics, then table.md / table.csv / table.png (utils/table.py); optional ablations of the training data
-and the loss. `scripts/paper_table.sh` (and `make table`) is the usual way in; every option is also a variable there.
+"""The paper's results as one command: for every W-A-KV row, FP, RTN, GPTQ, SmoothQuant and LLM-QAT with the same
+metrics (the paper's Table 1), then table.md / table.csv / table.png; optional ablations of the training data and the
+loss (its Tables 3 and 4). `scripts/paper_table.sh` (and `make table`) is the usual way in; every option is also a
+variable there.
 
     python scripts/paper_table.py                                   # the eight rows on the embedded SmolLM2-135M
     python scripts/paper_table.py --rows 4-8-4 8-8-8 --ablations data loss
 
 Each cell is one run of the repo's own command lines (generate_data.py, merge_gen_data.py, scripts/evaluate.py,
 scripts/run_train.sh, and scripts/baseline.py in the llm-compressor environment), logged to OUT/logs. A cell's
-result is kept under a name made from every setting it depends on and from the code it runs, so an interrupted
-table resumes where it stopped, a second call only prints, a changed setting recomputes only the cells it touches,
-and a change to the code (models/, utils/, scripts/, the entry points) recomputes them all. A failing cell is
-reported in the table ("failed", with its log), not fatal; GPTQ and SmoothQuant say "not installed" without the
-extra (`make baselines`).
+result is kept under a name made from every setting it depends on and from the code it runs (utils/report/cells.py),
+so an interrupted table resumes where it stopped, a second call only prints, a changed setting recomputes only the
+cells it touches, and a change to the code (models/, utils/, scripts/, the entry points) recomputes them all. A
+failing cell is reported in the table ("failed", with its log), not fatal; GPTQ and SmoothQuant say "not installed"
+without the extra (`make baselines`). The methods are a registry (utils/report/methods.py), the layout is
+utils/report/table.py.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
-import time
 from datetime import date
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from models.quantize import QATConfig
 from models.rotations import ROTATIONS
-from utils.cli import ensure_writable_dir, user_errors
-from utils.harness import PAPER_TASKS, tasks_loadable
-from utils.loading import load_tokenizer, model_display_name, resolve_model_path
-from utils.metrics import token_sequences
-from utils.records import plain_sequence_line
-from utils.table import GRID_METHODS, PENDING, ROTATED_METHODS, row_bits, task_names, write_ablation, write_grid
+from utils.data.records import model_display_name, plain_sequence_line
+from utils.evaluation.harness import tasks_loadable
+from utils.evaluation.metrics import token_sequences
+from utils.evaluation.tasks import PAPER_TASKS
+from utils.report.cells import Cell, CellRunner, read_result, settings_key
+from utils.report.methods import DEFAULT_ROWS, METHODS, NOT_APPLICABLE, row_bits
+from utils.report.table import PENDING, task_names, write_ablation, write_grid
+from utils.safety import atomic_file, ensure_writable_dir, user_errors
+from utils.training.loading import load_tokenizer, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROWS = ("4-8-4", "4-8-8", "4-6-16", "4-8-16", "4-16-16", "8-8-4", "8-8-8", "8-8-16")  # the released table
 LOCAL_TASKS = ("commonsense_mini", REPO / "tests" / "data")  # the offline stand-in when the hub is unreachable
 SEQUENCES_PER_START = 3  # the hybrid data's greedy prefixes 3, 4, 5: the other data modes make as many sequences
 ABLATIONS = ("data", "loss")
-NOT_INSTALLED, FAILED, NOT_APPLICABLE = "not installed", "failed", "n/a"
-CODE = ("*.py", "models/**/*.py", "utils/**/*.py", "scripts/*.py", "scripts/*.sh", "scripts/*.json")  # what cells run
+NOT_INSTALLED = "not installed"
 
 
 def parse_args(argv=None):
@@ -74,8 +77,9 @@ def parse_args(argv=None):
                                                                               "sequences (generated data)")
     parser.add_argument("--smoothing-strength", type=float, default=0.5, help="SmoothQuant's alpha")
     parser.add_argument("--rotate", default="none", choices=ROTATIONS,
-                        help="also RTN and LLM-QAT after this rotation (issue #14, README 'Rotations'), as two more "
-                             "methods; rows with KV below 16 bits then quantize keys after RoPE, as rotation needs")
+                        help="also RTN and LLM-QAT after this rotation (QuaRot / SpinQuant, README 'Rotations'), as "
+                             "two more methods; rows with KV below 16 bits then quantize keys after RoPE, as rotation "
+                             "needs")
     parser.add_argument("--ablations", nargs="*", default=[], choices=ABLATIONS,
                         help="data: greedy / sampled (/ real text) vs hybrid; loss: next-token labels vs KD")
     parser.add_argument("--ablation-bits", default="4-8-4", help="the W-A-KV of the ablation table")
@@ -129,120 +133,83 @@ def qat_name(bits: str, loss: str, rotate: str) -> str:
     return f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
 
 
-def code_fingerprint(root: Path = REPO) -> str:
-    """A digest of the code the cells run (not of docs or tests), read afresh for every key: a result computed
-    before a fix is not reused after it."""
-    digest = hashlib.sha256()
-    for path in sorted({path for pattern in CODE for path in root.glob(pattern)}):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+def kv_placement(bits: str, rotate: str) -> str:
+    """The paper's pre-RoPE keys, except where rotation quantizes keys: after RoPE, in the rotated basis (R3)."""
+    return "post_rope" if rotate != "none" and row_bits(bits)[2] < 16 else "pre_rope"
 
 
-def settings_key(**settings) -> str:
-    """A short name for everything a result depends on, its code included: equal settings and code, equal key, the
-    result is reused."""
-    settings = dict(settings, code=code_fingerprint())
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def qat_name(bits: str, loss: str, rotate: str) -> str:
+    """`qat-4-8-4`, with the loss and rotation where they are not the paper's (`qat-4-8-4-ce`, `qat-4-8-4-hadamard`)."""
+    return f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
 
 
-def read_result(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # missing, or cut off by a kill while written: computed again
-        return None
+class Tasks(NamedTuple):
+    """The lm-eval tasks of every evaluation cell, and why these."""
+
+    names: list[str]
+    include_path: str | None
+    why: str
+
+    def flags(self) -> list[str]:
+        return ["--tasks", ",".join(self.names) or "none"] + (["--include-path", self.include_path]
+                                                              if self.include_path else [])
 
 
-class Table:
-    """Runs the cells of one table in order, each once; keeps the results and their timings under `out`."""
+def choose_tasks(args) -> Tasks:
+    """The paper's eight tasks if the harness can load them, else the local task; remembered in OUT/tasks.json."""
+    if args.tasks != "auto":
+        return Tasks([] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()], None,
+                     "chosen with --tasks")
+    remembered = Path(args.out) / "tasks.json"
+    saved = read_result(remembered)
+    if saved:
+        return Tasks(saved["tasks"], saved["include_path"], saved["why"])
+    print("[table] checking whether the lm-eval harness can load the paper's eight tasks ...", flush=True)
+    if tasks_loadable(list(PAPER_TASKS)):
+        choice = Tasks(list(PAPER_TASKS), None, "the paper's eight zero-shot tasks")
+    else:
+        task, folder = LOCAL_TASKS
+        choice = Tasks([task], str(folder), "the paper's tasks could not be loaded (no network and no local copy); "
+                                            f"the local task {task} ({folder}) stands in")
+    remembered.write_text(json.dumps({"tasks": choice.names, "include_path": choice.include_path,
+                                      "why": choice.why}) + "\n")
+    return choice
 
-    def __init__(self, args):
-        self.args = args
+
+class PaperTable:
+    """The cells of one table as values (`Cell`) made from the flags: the training data of each mode, the GPTQ,
+    SmoothQuant and QAT models, and the evaluations; each computed at most once, through `runner` (cached). The
+    methods of utils/report/methods.py make their cells from these."""
+
+    def __init__(self, args, tasks: Tasks):
+        self.args, self.tasks = args, tasks
         self.out = Path(args.out)
         for folder in ("cells", "models", "data", "logs"):
             (self.out / folder).mkdir(parents=True, exist_ok=True)
-        self.timings_file = self.out / "timings.json"
-        self.timings = read_result(self.timings_file) or {}
-        self.model_name = model_display_name(args.model)
+        self.runner = CellRunner(self.out)
+        self.teacher, self.rotate = args.model, args.rotate
+        self.teacher_name = model_display_name(args.model)
         self.gpu = torch.cuda.is_available()
-        self._baselines_installed = None
-        self.cells = set()  # the names of this table's runs, computed now or before: its time per part
+        # Every evaluation's held-out sequences: those of the hybrid data, wherever its key puts it.
+        self.heldout = self.data_cell("hybrid").output.with_name("heldout.jsonl")
 
-    def baselines_installed(self) -> bool:
-        """Whether --baseline-python has llm-compressor (asked once, and only when a baseline must be made)."""
-        if self._baselines_installed is None:
-            python = self.args.baseline_python
-            self._baselines_installed = Path(python).is_file() and subprocess.run(
-                [python, "-c", "import llmcompressor"], capture_output=True).returncode == 0
-            if not self._baselines_installed:
-                print(f"[table] llm-compressor is not installed at {python}: GPTQ and SmoothQuant cells say "
-                      f"'{NOT_INSTALLED}' (make baselines installs it)", flush=True)
-        return self._baselines_installed
-
-    # -- running ----------------------------------------------------------------------------------------------
-    def run(self, name: str, part: str, command: list[str], env: dict | None = None) -> bool:
-        """One command, logged to logs/NAME.log, timed under `part`; False if it failed."""
-        log = self.out / "logs" / f"{name}.log"
-        self.cells.add(name)
-        print(f"[table] {name}: running (log {log})", flush=True)
-        start = time.time()
-        with log.open("w") as f:
-            code = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})}).returncode
-        seconds = time.time() - start
-        if code:
-            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
-            print(f"[table] {name}: FAILED after {seconds:.0f} s (exit {code}): {tail[0] if tail else ''} "
-                  f"-- see {log}", flush=True)
-            return False
-        self.timings[name] = {"part": part, "seconds": round(seconds, 1)}
-        self.timings_file.write_text(json.dumps(self.timings, indent=2) + "\n")
-        print(f"[table] {name}: done in {seconds:.0f} s", flush=True)
-        return True
-
-    def cached(self, name: str) -> None:
-        self.cells.add(name)
-        print(f"[table] {name}: cached", flush=True)
-
-    def evaluation(self, name: str, model: str, bits: str | None = None, options: tuple = ()) -> dict | str:
-        """An evaluate.py result, computed once for these settings (`options`: evaluate.py's RTN flags)."""
-        settings = dict(self.eval_settings, model=str(model), bits=bits, **({"options": options} if options else {}))
-        name = f"{name}-{settings_key(**settings)}"
-        path = self.out / "cells" / f"{name}.json"
-        record = read_result(path)
-        if record is None:
-            command = [self.args.python, "scripts/evaluate.py", str(model), *(bits.split("-") if bits else []),
-                       *self.task_flags, "--heldout", str(self.heldout), "--teacher", self.args.model,
-                       "--max-length", str(self.args.seq_len), "--output", str(path), *options]
-            if self.args.text_file:
-                command += ["--text-file", self.args.text_file]
-            if not self.run(name, "evaluation", command):
-                return FAILED
-            record = read_result(path)
-        else:
-            self.cached(name)
-        return record
-
-    # -- data -------------------------------------------------------------------------------------------------
-    def data(self, mode: str) -> Path | str:
-        """The training data of one mode (hybrid, greedy, sampled, real); the hybrid's held-out sequences are the
-        evaluation set of every cell."""
+    # -- the cells ---------------------------------------------------------------------------------------------
+    def data_cell(self, mode: str) -> Cell:
+        """The training data of one mode (hybrid, greedy, sampled, real): OUT/data/MODE-KEY/all.jsonl."""
         args = self.args
         n = args.num_start_tokens
-        settings = dict(mode=mode, model=self.model_name, n=n, heldout=args.heldout_start_tokens, len=args.seq_len,
+        settings = dict(mode=mode, model=self.teacher_name, n=n, heldout=args.heldout_start_tokens, len=args.seq_len,
                         seed=args.seed)
         if mode == "real":
             settings.update(text=str(Path(args.real_text).resolve()), size=Path(args.real_text).stat().st_size)
-        folder = self.out / "data" / f"{mode}-{settings_key(**settings)}"
-        if (folder / "all.jsonl").is_file():
-            self.cells.update((f"data-{mode}-generate", f"data-{mode}-merge"))
-            print(f"[table] data {mode}: cached ({folder})", flush=True)
-            return folder
+        key = settings_key(**settings)
+        folder = self.out / "data" / f"{mode}-{key}"
         if mode == "real":
-            return self.real_text_data(folder)
+            return Cell(f"data-{mode}", "data", settings, key, folder / "all.jsonl", make=self.write_real_text)
         starts = ["--num-start-tokens", str(n if mode == "hybrid" else SEQUENCES_PER_START * n)] if n else []
         greedy = {"hybrid": [], "greedy": ["--greedy-lengths", str(args.seq_len)], "sampled": ["--greedy-lengths", "1"]}
         heldout = args.heldout_start_tokens * (1 if mode == "hybrid" else SEQUENCES_PER_START)
-        model = [] if self.model_name == model_display_name(None) else ["--model", args.model]
+        model = [] if self.teacher_name == model_display_name(None) else ["--model", args.model]
         launcher = ([args.python, "-m", "torch.distributed.run", "--nproc-per-node", str(torch.cuda.device_count())]
                     if self.gpu else [args.python])
         generate = [*launcher, "generate_data.py", *model, "--output-dir", str(folder), *starts, *greedy[mode],
@@ -250,57 +217,49 @@ class Table:
         merge = [args.python, "merge_gen_data.py", str(folder), "--output", str(folder / "all.jsonl"), "--heldout",
                  str(heldout), "--seed", str(args.seed), "--force"]
         # generate_data.py resumes an interrupted shard; the merge is what marks the data complete.
-        if not (self.run(f"data-{mode}-generate", "data", generate) and self.run(f"data-{mode}-merge", "data", merge)):
-            return FAILED
-        return folder
+        return Cell(f"data-{mode}", "data", settings, key, folder / "all.jsonl",
+                    ((f"data-{mode}-generate", generate), (f"data-{mode}-merge", merge)))
 
-    def real_text_data(self, folder: Path) -> Path:
-        """Real text as training data with the hybrid data's budget: as many windows of --seq-len tokens."""
-        hybrid = self.training_data["hybrid"]
-        count = sum(1 for line in (hybrid / "all.jsonl").open() if line.strip()) if isinstance(hybrid, Path) else None
-        tokenizer = load_tokenizer(self.args.model)
-        windows = [ids for ids in token_sequences(tokenizer, self.args.real_text, self.args.seq_len)
-                   if len(ids) == self.args.seq_len][:count]
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "all.jsonl.tmp"
-        tmp.write_text("".join(plain_sequence_line(ids) for ids in windows))
-        tmp.replace(folder / "all.jsonl")
-        print(f"[table] data real: {len(windows)} windows of {self.args.seq_len} tokens from {self.args.real_text}"
-              + (f" (fewer than the generated data's {count}: the file is short)" if count and len(windows) < count
-                 else ""), flush=True)
-        return folder
-
-    # -- methods ----------------------------------------------------------------------------------------------
-    def baseline_model(self, method: str, w_bits: int | None = None) -> Path | str:
-        data = self.training_data["hybrid"]
-        settings = dict(method=method, model=self.model_name, data=str(data), samples=self.args.calibration_samples,
-                        len=self.args.seq_len, seed=self.args.seed)
-        settings.update({"w_bits": w_bits} if method == "gptq" else {"alpha": self.args.smoothing_strength})
-        name = f"{method}{f'-w{w_bits}' if w_bits else ''}-{settings_key(**settings)}"
-        folder = self.out / "models" / name
-        if (folder / "config.json").is_file():
-            self.cached(name)
-            return folder
-        if not self.baselines_installed():
-            return NOT_INSTALLED
-        command = [self.args.baseline_python, "scripts/baseline.py", method, "--model", self.args.model,
-                   "--calibration", str(data / "all.jsonl"), "--num-samples", str(self.args.calibration_samples),
-                   "--max-length", str(self.args.seq_len), "--seed", str(self.args.seed), "--output", str(folder)]
-        command += (["--w-bits", str(w_bits)] if method == "gptq"
-                    else ["--smoothing-strength", str(self.args.smoothing_strength)])
-        return folder if self.run(name, "baselines", command) else FAILED
-
-    def qat_model(self, bits: str, data: Path, loss: str = "kd", rotate: str = "none") -> Path | str:
+    def evaluation_cell(self, name: str, model, bits: str | None = None, options: tuple = ()) -> Cell:
+        """scripts/evaluate.py on `model` (at `bits` with its RTN `options`): OUT/cells/NAME-KEY.json."""
         args = self.args
-        settings = dict(bits=bits, model=self.model_name, data=str(data), len=args.seq_len, lr=args.learning_rate,
+        settings = dict(tasks=self.tasks.names, include_path=self.tasks.include_path, text=args.text_file,
+                        len=args.seq_len, heldout=str(self.heldout), teacher=self.teacher_name, model=str(model),
+                        bits=bits, **({"options": options} if options else {}))
+        key = settings_key(**settings)
+        output = self.out / "cells" / f"{name}-{key}.json"
+        command = [args.python, "scripts/evaluate.py", str(model), *(bits.split("-") if bits else []),
+                   *self.tasks.flags(), "--heldout", str(self.heldout), "--teacher", args.model,
+                   "--max-length", str(args.seq_len), "--output", str(output), *options]
+        command += ["--text-file", args.text_file] if args.text_file else []
+        return Cell(f"{name}-{key}", "evaluation", settings, key, output, ((f"{name}-{key}", command),))
+
+    def baseline_cell(self, method: str, w_bits: int | None = None) -> Cell:
+        """scripts/baseline.py in the llm-compressor environment: OUT/models/NAME-KEY/."""
+        args, data = self.args, self.data_cell("hybrid").output
+        settings = dict(method=method, model=self.teacher_name, data=str(data.parent), samples=args.calibration_samples,
+                        len=args.seq_len, seed=args.seed)
+        settings.update({"w_bits": w_bits} if method == "gptq" else {"alpha": args.smoothing_strength})
+        key = settings_key(**settings)
+        name = f"{method}{f'-w{w_bits}' if w_bits else ''}-{key}"
+        folder = self.out / "models" / name
+        command = [args.baseline_python, "scripts/baseline.py", method, "--model", args.model,
+                   "--calibration", str(data), "--num-samples", str(args.calibration_samples),
+                   "--max-length", str(args.seq_len), "--seed", str(args.seed), "--output", str(folder)]
+        command += (["--w-bits", str(w_bits)] if method == "gptq"
+                    else ["--smoothing-strength", str(args.smoothing_strength)])
+        return Cell(name, "baselines", settings, key, folder / "config.json", ((name, command),))
+
+    def qat_cell(self, bits: str, data: Path, loss: str, rotate: str) -> Cell:
+        """scripts/run_train.sh W A KV on the data folder `data`: OUT/models/NAME-KEY/."""
+        args = self.args
+        settings = dict(bits=bits, model=self.teacher_name, data=str(data), len=args.seq_len, lr=args.learning_rate,
                         epochs=args.epochs, batch=args.batch_size, seed=args.seed, loss=loss, gpu=self.gpu)
         settings.update({"rotate": rotate} if rotate != "none" else {})
-        name = f"{qat_name(bits, loss, rotate)}-{settings_key(**settings)}"
+        key = settings_key(**settings)
+        name = f"{qat_name(bits, loss, rotate)}-{key}"
         folder = self.out / "models" / name
-        if (folder / "config.json").is_file():
-            self.cached(name)
-            return folder
-        env = {"MODEL": "" if self.model_name == model_display_name(None) else args.model,
+        env = {"MODEL": "" if self.teacher_name == model_display_name(None) else args.model,
                "DATA": str(data / "all.jsonl"), "OUTPUT_DIR": str(folder), "PYTHON": args.python,
                "CPU_MAX_LENGTH": str(args.seq_len), "CPU_BATCH_SIZE": str(args.batch_size),
                "CPU_LEARNING_RATE": args.learning_rate, "CPU_EPOCHS": str(args.epochs),
@@ -308,102 +267,100 @@ class Table:
                "W_GROUP_SIZE": "", "RECIPE": "paper", "ROTATE": rotate, "KV_PLACEMENT": kv_placement(bits, rotate)}
         command = ["bash", "scripts/run_train.sh", *bits.split("-"), "--save_strategy", "no", "--seed", str(args.seed),
                    "--loss", loss]
-        return folder if self.run(name, "QAT training", command, env) else FAILED
+        return Cell(name, "QAT training", settings, key, folder / "config.json", ((name, command),), env)
 
-    def qat_cell(self, bits: str, data, loss: str = "kd", rotate: str = "none") -> dict | str:
-        if not isinstance(data, Path):
-            return data
-        model = self.qat_model(bits, data, loss, rotate)
-        return self.evaluation(qat_name(bits, loss, rotate), model) if isinstance(model, Path) else model
+    # -- what the methods ask for --------------------------------------------------------------------------------
+    def data(self, mode: str) -> Path | str:
+        """The folder of one mode's training data, or why there is none."""
+        made = self.runner.result(self.data_cell(mode))
+        return made.parent if isinstance(made, Path) else made
 
-    def rotated_rtn_cell(self, bits: str) -> dict | str:
-        rotate = self.args.rotate
-        return self.evaluation(f"rtn-{bits}-{rotate}", self.args.model, bits,
-                               ("--rotate", rotate, "--kv-placement", kv_placement(bits, rotate)))
+    def evaluation(self, name: str, model, bits: str | None = None, options: tuple = ()) -> dict | str:
+        """The evaluate.py result of `model`, or why there is none."""
+        result = self.runner.result(self.evaluation_cell(name, model, bits, options))
+        return read_result(result) if isinstance(result, Path) else result
 
-    # -- the table --------------------------------------------------------------------------------------------
-    def choose_tasks(self) -> tuple[list[str], str | None, str]:
-        """The paper's eight tasks if the harness can load them, else the local task; remembered in tasks.json."""
-        args = self.args
-        if args.tasks != "auto":
-            tasks = [] if args.tasks == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-            return tasks, None, "chosen with --tasks"
-        saved = read_result(self.out / "tasks.json")
-        if saved:
-            return saved["tasks"], saved["include_path"], saved["why"]
-        print("[table] checking whether the lm-eval harness can load the paper's eight tasks ...", flush=True)
-        if tasks_loadable(list(PAPER_TASKS)):
-            choice = (list(PAPER_TASKS), None, "the paper's eight zero-shot tasks")
-        else:
-            task, folder = LOCAL_TASKS
-            choice = ([task], str(folder), "the paper's tasks could not be loaded (no network and no local copy); "
-                                           f"the local task {task} ({folder}) stands in")
-        (self.out / "tasks.json").write_text(json.dumps(dict(zip(("tasks", "include_path", "why"), choice))) + "\n")
-        return choice
+    def baseline(self, method: str, row: str) -> dict | str:
+        """The GPTQ (made once per weight width) or SmoothQuant (once) model, evaluated at `row`."""
+        cell = self.baseline_cell(method, row_bits(row)[0] if method == "gptq" else None)
+        if not cell.done() and not self.baselines_installed:
+            return NOT_INSTALLED
+        model = self.runner.result(cell)
+        return self.evaluation(f"{method}-{row}", model.parent, row) if isinstance(model, Path) else model
 
-    def build(self) -> None:
-        args = self.args
-        tasks, include_path, why = self.choose_tasks()
-        self.tasks_note = f"Tasks: {task_names(tasks)} ({why})."
-        self.task_flags = ["--tasks", ",".join(tasks) or "none"] + (["--include-path", include_path]
-                                                                    if include_path else [])
+    def qat(self, row: str, data: str = "hybrid", loss: str = "kd", rotate: str = "none") -> dict | str:
+        """The QAT model trained at `row` on one mode's data, evaluated."""
+        folder = self.data(data)
+        if not isinstance(folder, Path):
+            return folder
+        model = self.runner.result(self.qat_cell(row, folder, loss, rotate))
+        return self.evaluation(qat_name(row, loss, rotate), model.parent) if isinstance(model, Path) else model
 
-        self.training_data = {"hybrid": self.data("hybrid")}
-        if not isinstance(self.training_data["hybrid"], Path):
+    def rotation_flags(self, row: str) -> tuple[str, ...]:
+        """evaluate.py's flags for an RTN model rotated as the table's QAT + rotation is."""
+        return "--rotate", self.rotate, "--kv-placement", kv_placement(row, self.rotate)
+
+    @cached_property
+    def baselines_installed(self) -> bool:
+        """Whether --baseline-python has llm-compressor (asked once, and only when a baseline must be made)."""
+        python = self.args.baseline_python
+        installed = Path(python).is_file() and subprocess.run([python, "-c", "import llmcompressor"],
+                                                               capture_output=True).returncode == 0
+        if not installed:
+            print(f"[table] llm-compressor is not installed at {python}: GPTQ and SmoothQuant cells say "
+                  f"'{NOT_INSTALLED}' (make baselines installs it)", flush=True)
+        return installed
+
+    def write_real_text(self, output: Path) -> None:
+        """Real text as training data with the hybrid data's budget: as many windows of --seq-len tokens."""
+        hybrid = self.data("hybrid")
+        count = sum(1 for line in (hybrid / "all.jsonl").open() if line.strip()) if isinstance(hybrid, Path) else None
+        tokenizer = load_tokenizer(self.args.model)
+        windows = [ids for ids in token_sequences(tokenizer, self.args.real_text, self.args.seq_len)
+                   if len(ids) == self.args.seq_len][:count]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(output) as out:
+            out.write("".join(plain_sequence_line(ids) for ids in windows))
+        print(f"[table] data real: {len(windows)} windows of {self.args.seq_len} tokens from {self.args.real_text}"
+              + (f" (fewer than the generated data's {count}: the file is short)" if count and len(windows) < count
+                 else ""), flush=True)
+
+    # -- the tables ----------------------------------------------------------------------------------------------
+    def build(self) -> Path:
+        """The grid (then the ablation table): table.md, table.csv, table.png (and ablation.md, ablation.csv)."""
+        if not isinstance(self.data("hybrid"), Path):
             raise SystemExit("paper_table: error: the data synthesis failed; see the logs in "
                              f"{self.out / 'logs'} (nothing else can run without data)")
-        self.heldout = self.training_data["hybrid"] / "heldout.jsonl"
-        self.eval_settings = dict(tasks=tasks, include_path=include_path, text=args.text_file, len=args.seq_len,
-                                  heldout=str(self.heldout), teacher=self.model_name)
-        methods = GRID_METHODS + (ROTATED_METHODS if args.rotate != "none" else ())
-        grid = {row: {method: PENDING for method in methods} for row in args.rows}
-        self.grid = grid
-        fp = self.evaluation("fp", args.model)
-        for row in args.rows:  # cheap cells first: a stopped run still has a useful table
-            grid[row]["fp"] = fp
-            grid[row]["rtn"] = self.evaluation(f"rtn-{row}", args.model, row)
-            self.write()
-        smoothquant = None
-        for row in args.rows:
-            w, a, _ = row_bits(row)
-            gptq = self.baseline_model("gptq", w)
-            grid[row]["gptq"] = self.evaluation(f"gptq-{row}", gptq, row) if isinstance(gptq, Path) else gptq
-            if a == 16:  # SmoothQuant smooths activation outliers: nothing to do without activation quantization
-                grid[row]["smoothquant"] = NOT_APPLICABLE
-            else:
-                smoothquant = smoothquant or self.baseline_model("smoothquant")
-                grid[row]["smoothquant"] = (self.evaluation(f"smoothquant-{row}", smoothquant, row)
-                                            if isinstance(smoothquant, Path) else smoothquant)
-            self.write()
-        for row in args.rows:
-            grid[row]["qat"] = self.qat_cell(row, self.training_data["hybrid"])
-            self.write()
-        if args.rotate != "none":
-            for row in args.rows:
-                grid[row]["rtn_rotated"] = self.rotated_rtn_cell(row)
-                grid[row]["qat_rotated"] = self.qat_cell(row, self.training_data["hybrid"], rotate=args.rotate)
-                self.write()
-        if args.ablations:
-            self.ablations(fp)
+        methods = [name for name, method in METHODS.items() if not method.rotated or self.rotate != "none"]
+        grid = {row: {name: PENDING for name in methods} for row in self.args.rows}
+        for order in sorted({METHODS[name].order for name in methods}):
+            for row in self.args.rows:  # cheap cells first: a stopped run still has a useful table
+                for name in (name for name in methods if METHODS[name].order == order):
+                    method = METHODS[name]
+                    grid[row][name] = method.cell(self, row) if method.applies(row) else NOT_APPLICABLE
+                self.write(grid)
+        if self.args.ablations:
+            self.write_ablations()
+        self.write(grid)  # the notes count the ablations' time too
+        return self.out / "table.md"
 
-    def ablations(self, fp) -> None:
+    def write_ablations(self) -> None:
         args, bits = self.args, self.args.ablation_bits
-        rows = {"FP": fp, "RTN": self.evaluation(f"rtn-{bits}", args.model, bits)}
-        hybrid = self.qat_cell(bits, self.training_data["hybrid"])
+        rows = {"FP": METHODS["fp"].cell(self, bits), "RTN": METHODS["rtn"].cell(self, bits)}
+        hybrid = self.qat(bits)
         if "data" in args.ablations:
             modes = ["greedy", "sampled"] + (["real"] if args.real_text else [])
             for mode in modes:
-                self.training_data[mode] = self.data(mode)
+                self.data(mode)
             labels = {"greedy": "Data: generated, greedy", "sampled": "Data: generated, sampled",
                       "real": f"Data: real text ({Path(args.real_text).name})" if args.real_text else ""}
             rows["Data: generated, hybrid (paper)"] = hybrid
             for mode in modes:
-                rows[labels[mode]] = self.qat_cell(bits, self.training_data[mode])
+                rows[labels[mode]] = self.qat(bits, data=mode)
         if "loss" in args.ablations:
             rows["Loss: KD on logits (paper)"] = hybrid
-            rows["Loss: next-token labels"] = self.qat_cell(bits, self.training_data["hybrid"], loss="ce")
-        path = write_ablation(rows, self.out, f"LLM-QAT ablations at W-A-KV {bits}: {self.model_name}",
-                              self.notes())
+            rows["Loss: next-token labels"] = self.qat(bits, loss="ce")
+        path = write_ablation(rows, self.out, f"LLM-QAT ablations at W-A-KV {bits}: {self.teacher_name}", self.notes())
         print(f"[table] wrote {path}", flush=True)
 
     def notes(self) -> str:
@@ -411,13 +368,11 @@ class Table:
         device = torch.cuda.get_device_name(0) if self.gpu else f"CPU, {os.cpu_count()} cores ({platform.machine()})"
         data = (f"{args.num_start_tokens} start tokens x {SEQUENCES_PER_START}" if args.num_start_tokens
                 else "every start token") + f", {args.seq_len} tokens each"
-        parts = {}
-        for timing in (self.timings[name] for name in self.cells if name in self.timings):
-            parts[timing["part"]] = parts.get(timing["part"], 0) + timing["seconds"]
+        parts = self.runner.seconds_per_part()
         spent = "; ".join(f"{part} {seconds / 60:.1f} min" for part, seconds in parts.items())
         spent += f"; in all {sum(parts.values()) / 60:.0f} min" if parts else ""
         return "\n".join([
-            f"Teacher: {self.model_name}. Made {date.today()} on {device}; time per part (cells computed so far): "
+            f"Teacher: {self.teacher_name}. Made {date.today()} on {device}; time per part (cells computed so far): "
             f"{spent or 'none yet'}.",
             f"Data (hybrid generation, paper section 2.1): {data}; {args.heldout_start_tokens} start tokens' sequences "
             "held out. QAT: the paper's recipe, KD on logits, "
@@ -429,27 +384,24 @@ class Table:
             "without activation quantization.",
             f"Held-out ppl / KL / top-1: on the held-out generated sequences; Text ppl: "
             f"{args.text_file or 'the built-in paragraph of real text'}; Wiki ppl (when TASKS include wikitext): word "
-            "perplexity. " + self.tasks_note,
+            f"perplexity. Tasks: {task_names(self.tasks.names)} ({self.tasks.why}).",
             "QAT gap closed: (RTN ppl - QAT ppl) / (RTN ppl - FP ppl).",
         ] + ([f"+ rotation: {args.rotate} rotations folded into the float model before quantizing (README "
               "'Rotations'); in rows with KV below 16 bits keys are then quantized after RoPE. Its gap is a share of "
               "the same, unrotated RTN -> FP gap."] if args.rotate != "none" else [])) + "\n"
 
-    def write(self) -> None:
-        title = f"LLM-QAT and training-free baselines: {self.model_name}"
-        write_grid(self.grid, self.out, title, self.notes())
+    def write(self, grid: dict[str, dict]) -> None:
+        write_grid(grid, self.out, f"LLM-QAT and training-free baselines: {self.teacher_name}", self.notes())
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
     with user_errors("paper_table.py"):
         check_args(args)
-        table = Table(args)
-        table.build()
-        table.write()
-    print(f"[table] wrote {table.out / 'table.md'}, table.csv and table.png", flush=True)
-    print((table.out / "table.md").read_text())
-    return table.out / "table.md"
+        table = PaperTable(args, choose_tasks(args)).build()
+    print(f"[table] wrote {table}, table.csv and table.png", flush=True)
+    print(table.read_text())
+    return table
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.memory_plan import (PRECISION_BYTES, TrainingSetup, format_plans, load_config, model_shape,
+from utils.training.memory_plan import (PRECISION_BYTES, TrainingSetup, format_plans, load_config, model_shape,
                                plan_memory, plans_to_json)
 
 

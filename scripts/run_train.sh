@@ -72,7 +72,7 @@ if [ "$NUM_GPUS" -gt 0 ]; then
   # FSDP on every GPU count, one included: a 7B student with AdamW (16 bytes/param) fits no single GPU unsharded.
   # The memory plan comes first; CPU offload of weights, gradients and optimizer where the plan does not fit.
   gpu_gib=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)")
-  model_dir=$("$PYTHON" -c "import sys; from utils.loading import resolve_model_path; print(resolve_model_path(sys.argv[1]))" "$MODEL")
+  model_dir=$("$PYTHON" -c "import sys; from utils.training.loading import resolve_model_path; print(resolve_model_path(sys.argv[1]))" "$MODEL")
   plan=(scripts/plan_memory.py --model "$model_dir" --gpus "$NUM_GPUS" --gpu-memory "$gpu_gib" --seq-len 2048)
   sharding="full_shard auto_wrap"
   if "$PYTHON" "${plan[@]}"; then

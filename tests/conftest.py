@@ -35,7 +35,7 @@ def load_script(name: str):
 def save_tiny_teacher(path: Path) -> Path:
     from transformers import LlamaForCausalLM
 
-    from utils.loading import load_tokenizer
+    from utils.training.loading import load_tokenizer
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

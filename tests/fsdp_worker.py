@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import train
-from utils.kd_trainer import KDTrainer
+from utils.training.kd_trainer import KDTrainer
 
 
 weight_files_read = []

@@ -1,4 +1,4 @@
-"""scripts/compare.py (utils.compare): the table holds the numbers of the result files, and a PNG is written."""
+"""scripts/compare.py (utils.report.compare): the table holds the numbers of the result files, and a PNG is written."""
 import json
 
 import pytest

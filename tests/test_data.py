@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from utils.data import PadCollator, TokenSequenceDataset, read_token_sequences
-from utils.records import TeacherIdentity
+from utils.data.dataset import PadCollator, TokenSequenceDataset, read_token_sequences
+from utils.data.records import TeacherIdentity
 
 
 class WordTokenizer:

@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.export import export, export_folded, export_packed, integer_weight, load_packed
 from models.checkpoint import save_quantized
+from models.export import export, export_folded, export_packed
+from models.packed import integer_weight, load_packed
 from models.quantize import QATConfig, QuantLinear, quantize_model, quantized_modules
-from utils.loading import load_model
+from utils.training.loading import load_model
 
 from conftest import load_script
 
@@ -317,7 +318,7 @@ def test_deploy_recipe_export_runs_as_trained_in_plain_transformers(tmp_path, w_
 
 
 def test_paper_recipe_export_runs_differently_in_plain_transformers(tmp_path):
-    """Why the deploy recipe exists (issue #16): compressed-tensors runs its own grid, not the paper's."""
+    """Why the deploy recipe exists (README "Two recipes"): compressed-tensors runs its own grid, not the paper's."""
     checkpoint = save_student(tmp_path / "qat", 4)
     with torch.no_grad():
         expected = load_model(checkpoint)(batch()).logits

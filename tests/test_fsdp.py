@@ -18,9 +18,9 @@ from test_train import logged_losses, tiny_teacher_dir, train_args  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 from models import QATConfig, QuantLinear, quantize_model, save_quantized
-from utils.data import PadCollator, TokenSequenceDataset
-from utils.kd_trainer import kd_loss
-from utils.loading import load_model, load_tokenizer
+from utils.data.dataset import PadCollator, TokenSequenceDataset
+from utils.training.kd_trainer import kd_loss
+from utils.training.loading import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "scripts" / "fsdp_config.json"
@@ -94,9 +94,10 @@ def test_sharded_step_matches_one_process_with_bf16_params(tiny_teacher_dir, sha
 
 @pytest.mark.slow
 def test_only_rank_0_reads_the_weights(tiny_teacher_dir, sharded_run, one_process_step, tmp_path):
-    """Issue "Paper scale on GPUs", item 3: rank 1 builds both models without reading them, and the broadcast at
-    sharding gives it rank 0's (the step above matches one process), rotary buffers and tied embeddings included.
-    With cpu_ram_efficient_loading off, every rank reads both models, and the step is the same."""
+    """RAM-efficient loading under FSDP2 (README "Paper scale on GPUs"): rank 1 builds both models without reading
+    them, and the broadcast at sharding gives it rank 0's (the step above matches one process), rotary buffers and
+    tied embeddings included. With cpu_ram_efficient_loading off, every rank reads both models, and the step is the
+    same."""
     inv_freq = load_model(tiny_teacher_dir / "teacher").model.rotary_emb.inv_freq.tolist()
     reports = rank_reports(sharded_run)
     assert [report["weight_files_read"] for report in reports] == [2, 0]  # teacher and student, by rank 0 only

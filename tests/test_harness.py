@@ -11,9 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import models.quantize
 from models import quantize_model, save_quantized
-from utils.harness import HarnessDataError, load_tasks, quantization_summary, run_harness
-from utils.loading import load_tokenizer
-from utils.records import TeacherIdentity
+from utils.data.records import TeacherIdentity
+from utils.evaluation.harness import HarnessDataError, load_tasks, quantization_summary, run_harness
+from utils.training.loading import load_tokenizer
 
 from conftest import load_script
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from models import quantize_model
-from utils.data import PadCollator
-from utils.kd_trainer import KDTrainer, kd_loss
+from utils.data.dataset import PadCollator
+from utils.training.kd_trainer import KDTrainer, kd_loss
 
 
 def naive_kl(student, teacher, mask, reduction):

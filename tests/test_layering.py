@@ -1,4 +1,23 @@
-"""The repository's structure: layers depend downward only, and saved checkpoints carry code that runs alone."""
+"""The repository's structure: layers depend downward only, the pipeline's stages in their order, light stages load
+no model stack, and saved checkpoints carry code that runs alone.
+
+Entry points (generate_data.py, merge_gen_data.py, train.py, scripts/) may import every stage. utils/ is one package
+per pipeline stage, in this order: a stage imports only the stages before it (and `utils.safety`, which every stage
+shares and which imports nothing of the repository):
+
+    data -> training -> evaluation -> report
+
+Model loading (utils/training/loading.py) belongs to training, not below data: the data stage never loads a model.
+generate_data.py, an entry point, loads the teacher and hands it to synthesis; and the one thing the data needs from
+loading, the embedded default teacher's name, is part of the teacher identity in utils/data/records.py, which loading
+imports from there. So merging text files needs no torch, transformers or accelerate, and loading, which needs all
+three, is imported only from training up (evaluation loads models for its baselines; the report stage's paper table
+runs its models through command lines).
+
+The light modules (the records and the merge of the data stage, the report stage, and what they import) never import
+torch, transformers or accelerate at module level: `merge_gen_data.py --help` starts at once, and tables are made
+without the model stack.
+"""
 import ast
 import json
 import subprocess
@@ -14,6 +33,11 @@ from models.quantize import QATConfig, quantize_model
 REPO = Path(__file__).resolve().parents[1]
 ABOVE_MODELS = {"utils", "scripts", "bench", "tests", "train", "generate_data", "merge_gen_data"}
 REPO_PACKAGES = ABOVE_MODELS | {"models"}
+STAGES = ("data", "training", "evaluation", "report")  # utils/'s packages, in pipeline order
+SHARED = "safety"  # utils/safety.py: below every stage
+LIGHT = ("utils.safety", "utils.data.records", "utils.data.merge",
+         *(f"utils.report.{path.stem}" for path in sorted((REPO / "utils" / "report").glob("*.py"))))
+MODEL_STACK = ("torch", "transformers", "accelerate")
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -31,6 +55,62 @@ def test_models_import_nothing_of_the_layers_above():
     for path in sorted((REPO / "models").glob("*.py")):
         for level, module in imports_of(path):
             assert level > 0 or module.partition(".")[0] not in ABOVE_MODELS, f"{path.name} imports {module}"
+
+
+def utils_imports(path: Path) -> set[str]:
+    """The first part below utils of every module of utils/ that `path` imports (`data`, `safety`, ...)."""
+    found = set()
+    for level, module in imports_of(path):
+        assert level == 0, f"{path}: relative import of {module!r}; name utils/ modules in full"
+        parts = module.split(".")
+        if parts[0] == "utils":
+            assert len(parts) > 1, f"{path} imports the bare utils package"
+            found.add(parts[1])
+    return found
+
+
+def test_utils_is_the_stage_packages_and_the_shared_module():
+    modules = {path.stem for path in (REPO / "utils").glob("*.py")} - {"__init__"}
+    packages = {path.parent.name for path in (REPO / "utils").glob("*/__init__.py")}
+    assert modules == {SHARED} and packages == set(STAGES)
+
+
+def test_each_stage_imports_only_the_stages_before_it():
+    assert not utils_imports(REPO / "utils" / f"{SHARED}.py"), "utils/safety.py imports the stages it serves"
+    for position, stage in enumerate(STAGES):
+        allowed = {SHARED, *STAGES[:position + 1]}
+        for path in sorted((REPO / "utils" / stage).glob("*.py")):
+            for imported in utils_imports(path):
+                assert imported in allowed, f"utils/{stage}/{path.name} imports utils.{imported}, a later stage"
+
+
+def test_light_modules_import_no_model_stack():
+    """Each light module in a fresh interpreter, checked in sys.modules: also what it imports, transitively."""
+    script = ("import importlib, json, sys\n"
+              f"for name in {list(LIGHT)!r}:\n"
+              "    importlib.import_module(name)\n"
+              f"    heavy = sorted(m for m in {list(MODEL_STACK)!r} if m in sys.modules)\n"
+              "    if heavy:\n"
+              "        print(json.dumps([name, heavy]))\n"
+              "        break\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "", f"importing {result.stdout.strip()} loads the model stack"
+
+
+def test_merge_help_imports_no_model_stack():
+    script = ("import json, runpy, sys\n"
+              "sys.argv = ['merge_gen_data.py', '--help']\n"
+              "try:\n"
+              "    runpy.run_path('merge_gen_data.py', run_name='__main__')\n"
+              "except SystemExit:\n"
+              "    pass\n"
+              "print(json.dumps(sorted(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "utils.data.merge" in modules and "usage:" in result.stdout
+    assert not [m for m in modules if m.partition(".")[0] in MODEL_STACK]
 
 
 def test_remote_code_files_import_only_torch_transformers_the_standard_library_and_each_other():

@@ -1,11 +1,12 @@
-"""Model loading (utils/loading.py): clear errors for bad paths, the embedded default, QAT checkpoints round trip."""
+"""Model loading (utils/training/loading.py): clear errors for bad paths, the embedded default, QAT checkpoints round
+trip."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from models import QATConfig, quantize_model, quantized_modules, save_quantized
-from utils import loading
-from utils.loading import load_model, load_weightless_model, resolve_model_path
+from utils.training import loading
+from utils.training.loading import load_model, load_weightless_model, resolve_model_path
 
 
 def logits(model, input_ids):
@@ -109,8 +110,7 @@ def test_embedded_default_is_smollm2_135m():
 
 
 def test_every_name_of_the_default_means_the_same_teacher():
-    from utils.loading import DEFAULT_MODEL_NAME, is_default_model, model_display_name
-    from utils.records import teacher_name
+    from utils.data.records import DEFAULT_MODEL_NAME, is_default_model, model_display_name, teacher_name
 
     for name in (None, "", "default", DEFAULT_MODEL_NAME):
         assert is_default_model(name) and model_display_name(name) == DEFAULT_MODEL_NAME

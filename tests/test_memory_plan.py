@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models import quantize_model
-from utils.kd_trainer import kd_loss
-from utils.memory_plan import (CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB, KD_CHUNK_ROWS, SHIPPED_MODELS,
+from utils.training.kd_trainer import kd_loss
+from utils.training.memory_plan import (CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB, KD_CHUNK_ROWS, SHIPPED_MODELS,
                                TrainingSetup, layer_activation_bytes_per_token, load_config, model_shape,
                                plan_memory, suggestions)
 

@@ -4,9 +4,10 @@ import json
 import pytest
 
 import merge_gen_data
-from utils.records import SequenceRecord, TeacherIdentity
-from utils.synthesis import SamplingConfig
-from utils.merge import MixedSettingsError, MixedTeachersError, find_shard_files, heldout_start_tokens, merge_shards
+from utils.data.merge import (MixedSettingsError, MixedTeachersError, find_shard_files, heldout_start_tokens,
+                              merge_shards)
+from utils.data.records import SequenceRecord, TeacherIdentity
+from utils.data.sampler import SamplingConfig
 
 TEACHER = str(TeacherIdentity("tiny", 128, "abc"))
 SAMPLING = SamplingConfig().describe()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models import quantize_model
-from utils.metrics import DEFAULT_TEXT, perplexity, teacher_fidelity, token_sequences
+from utils.evaluation.metrics import DEFAULT_TEXT, perplexity, teacher_fidelity, token_sequences
 
 
 class CharTokenizer:
@@ -93,7 +93,7 @@ def test_teacher_fidelity_matches_direct_kl_and_agreement(tiny_llama, tiny_confi
 
 @pytest.mark.slow
 def test_default_model_perplexity_equals_transformers_loss():
-    from utils.loading import load_model_and_tokenizer
+    from utils.training.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer()
     text = DEFAULT_TEXT[:200]  # a short text: one forward pass

@@ -1,4 +1,4 @@
-"""The paper table (scripts/paper_table.py, utils/table.py): table layout, a 2-row grid end to end on a tiny model
+"""The paper table (scripts/paper_table.py, utils/report/): table layout, a 2-row grid end to end on a tiny model
 with caching, resumption and a failing cell; and the llm-compressor baselines when their environment exists."""
 import csv
 import json
@@ -10,8 +10,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import load_script, save_tiny_teacher
-from utils.cli import CommandError
-from utils.table import grid_rows, row_bits, write_ablation
+from utils.report import cells
+from utils.report.methods import row_bits
+from utils.report.table import grid_rows, write_ablation
+from utils.safety import CommandError
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_PYTHON = REPO / ".venv-baselines" / "bin" / "python"
@@ -155,25 +157,24 @@ def test_bad_input_is_one_line_before_any_work(tiny_teacher, tmp_path, capsys, e
 def test_cell_keys_follow_the_code_the_cells_run(tmp_path, monkeypatch):
     """A result computed before a code fix is not reused after it: the code is part of every cell's key. The
     fingerprint reads the code (entry points, models/, utils/, scripts/), not docs or tests."""
-    paper_table = load_script("paper_table")
     for name in ("train.py", "models/quantize.py", "utils/data.py", "scripts/run_train.sh", "docs/NOTES.md",
                  "tests/test_x.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"# {name}\n")
-    fingerprint = paper_table.code_fingerprint(tmp_path)
+    fingerprint = cells.code_fingerprint(tmp_path)
     for name in ("docs/NOTES.md", "tests/test_x.py"):
         (tmp_path / name).write_text("changed\n")
-    assert paper_table.code_fingerprint(tmp_path) == fingerprint
+    assert cells.code_fingerprint(tmp_path) == fingerprint
     changed = set()
     for name in ("train.py", "models/quantize.py", "utils/data.py", "scripts/run_train.sh"):
         (tmp_path / name).write_text((tmp_path / name).read_text() + "# a fix\n")
-        changed.add(paper_table.code_fingerprint(tmp_path))
+        changed.add(cells.code_fingerprint(tmp_path))
     assert fingerprint not in changed and len(changed) == 4
 
-    key = paper_table.settings_key(bits="4-8-4", lr="3e-4")
-    assert paper_table.settings_key(bits="4-8-4", lr="3e-4") == key  # unchanged code: the cell is reused
-    monkeypatch.setattr(paper_table, "code_fingerprint", lambda: "after a fix")
-    assert paper_table.settings_key(bits="4-8-4", lr="3e-4") != key
+    key = cells.settings_key(bits="4-8-4", lr="3e-4")
+    assert cells.settings_key(bits="4-8-4", lr="3e-4") == key  # unchanged code: the cell is reused
+    monkeypatch.setattr(cells, "code_fingerprint", lambda: "after a fix")
+    assert cells.settings_key(bits="4-8-4", lr="3e-4") != key
 
 
 needs_baselines = pytest.mark.skipif(
@@ -235,7 +236,7 @@ def test_smoothquant_keeps_the_float_function_and_moves_scale_into_the_norms(tin
 def test_baseline_without_llm_compressor_names_the_fix(tiny_teacher, calibration, tmp_path, monkeypatch):
     import builtins
 
-    from utils import baselines
+    from utils.evaluation import baselines
     real_import = builtins.__import__
 
     def no_llmcompressor(name, *args, **kwargs):

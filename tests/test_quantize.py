@@ -10,7 +10,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from models import QATConfig, QuantLinear, quantize_model, quantized_modules
 from models.quantize import KVQuantizer
-from utils.loading import load_model_and_tokenizer
+from utils.training.loading import load_model_and_tokenizer
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KV_PROJECTIONS = ("k_proj", "v_proj")
@@ -399,7 +399,7 @@ def test_post_rope_kv_is_quantized_without_a_cache_too_and_requantizing_removes_
 def test_options_travel_with_the_checkpoint_and_remote_code(tiny_llama, tiny_input_ids, tmp_path):
     from transformers import AutoModelForCausalLM
     from models.checkpoint import save_quantized
-    from utils.loading import load_model
+    from utils.training.loading import load_model
     config = QATConfig(4, 8, 4, w_group_size=16, kv_placement="post_rope")
     expected = logits(quantize_model(tiny_llama, config), tiny_input_ids)
     save_quantized(tiny_llama, tmp_path / "ckpt")

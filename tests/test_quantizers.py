@@ -105,8 +105,9 @@ def test_other_dtypes_keep_dtype_and_grid(dtype):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_bfloat16_inputs_are_quantized_with_float32_math(bits, symmetric):
-    """Issue "Paper scale on GPUs": quantizing in bf16 arithmetic gave other values than the float32 export for
-    a few percent (4-bit) to about a third (8-bit) of them; the codes must be the float32 codes of the same values."""
+    """Training under bf16 (the paper-scale GPU path): quantizing in bf16 arithmetic gave other values than the
+    float32 export for a few percent (4-bit) to about a third (8-bit) of them; the codes must be the float32 codes of
+    the same values."""
     x = (random_weight() * 10).bfloat16()
     quantized = fake_quantize(x, bits, symmetric)
     assert quantized.dtype == torch.bfloat16
@@ -208,8 +209,8 @@ def test_group_wise_weights_equal_the_per_channel_reference_on_each_group(bits, 
     assert not torch.equal(fake_quantize(weight, bits, group_size=group_size), fake_quantize(weight, bits))
 
 
-# The full grid (grid="full", recipe "deploy", issue #16) against compressed-tensors' own code, the independent
-# reference: its scales and zero points (`calculate_qparams`, `compute_dynamic_scales_and_zp`) and `fake_quantize`.
+# The full grid (grid="full", recipe "deploy": README "Two recipes") against compressed-tensors' own code, the
+# independent reference: its scales and zero points (`calculate_qparams`, `compute_dynamic_scales_and_zp`) and `fake_quantize`.
 def compressed_tensors_reference(x, bits, strategy, symmetric=True, group_size=None):
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize

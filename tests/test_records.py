@@ -1,9 +1,9 @@
-"""utils/records.py: the one reader and writer of the .jsonl record and the teacher identity."""
+"""utils/data/records.py: the one reader and writer of the .jsonl record and the teacher identity."""
 import json
 
 import pytest
 
-from utils.records import SequenceRecord, TeacherIdentity, read_sequence
+from utils.data.records import SequenceRecord, TeacherIdentity, read_sequence
 
 TEACHER = TeacherIdentity("SmolLM2-135M-Instruct", 128, "0123456789ab")
 

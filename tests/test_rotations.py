@@ -167,7 +167,7 @@ def test_without_its_online_rotation_the_rotated_model_differs(tiny_llama, tiny_
 
 @pytest.mark.slow
 def test_embedded_smollm2_rotated_in_float_gives_its_logits():
-    from utils.loading import load_model_and_tokenizer
+    from utils.training.loading import load_model_and_tokenizer
     model, tokenizer = load_model_and_tokenizer()
     input_ids = tokenizer("The lighthouse keeper climbed the stairs at dusk.", return_tensors="pt").input_ids
     expected = logits(model, input_ids)

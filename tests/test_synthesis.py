@@ -5,11 +5,13 @@ from argparse import Namespace
 import pytest
 import torch
 
-from utils.loading import load_tokenizer
-from utils.records import TeacherIdentity
-from utils.synthesis import (SamplingConfig, apply_preset, choose_start_tokens, eligible_start_tokens,
-                             generate_batch, read_finished, resolve_shard, sample_top_k, shard_path,
-                             shard_start_tokens, special_token_ids, synthesize_shard)
+from generate_data import apply_preset
+from utils.data.records import TeacherIdentity
+from utils.data.sampler import SamplingConfig, generate_batch, sample_top_k
+from utils.data.start_tokens import (choose_start_tokens, eligible_start_tokens, resolve_shard, shard_start_tokens,
+                                     special_token_ids)
+from utils.data.synthesis import read_finished, shard_path, synthesize_shard
+from utils.training.loading import load_tokenizer
 
 TEACHER = TeacherIdentity("tiny", 128, "test")
 

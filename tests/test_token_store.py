@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.data import TokenSequenceDataset
-from utils.token_store import MANIFEST, TOKENS, open_token_store, store_directory
+from utils.data.dataset import TokenSequenceDataset
+from utils.data.token_store import MANIFEST, TOKENS, open_token_store, store_directory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_a_pickled_dataset_carries_the_path_not_the_tokens(tmp_path):
 
 OPEN_IN_A_PROCESS = """
 import json, sys
-from utils.data import TokenSequenceDataset
+from utils.data.dataset import TokenSequenceDataset
 dataset = TokenSequenceDataset(sys.argv[1], max_length=4, packing=True)
 print(json.dumps({"built": dataset.store.built, "items": [item["input_ids"] for item in dataset]}))
 """

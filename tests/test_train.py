@@ -18,7 +18,7 @@ import train
 from conftest import save_tiny_teacher
 from models import QuantLinear
 from models.quantize import QATConfig
-from utils.loading import load_model
+from utils.training.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_t
                           "--loss", "ce", "--dataloader_drop_last", "false", "--seed", "0"))
     assert len(loads) == 1  # the student only
     from models.quantize import QATConfig, quantize_model
-    from utils.data import PadCollator
+    from utils.data.dataset import PadCollator
     student = quantize_model(load_model(tiny_teacher_dir / "teacher", quantized=False), QATConfig(4, 8, 4))
     rows = [json.loads(line)["input_ids"][:16] for line in (tiny_teacher_dir / "data.jsonl").read_text().splitlines()]
     batch = PadCollator(0)([{"input_ids": ids} for ids in rows])
@@ -193,7 +193,7 @@ def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_t
 
 
 def test_kd_trainer_refuses_a_loss_that_does_not_match_its_teacher(tiny_teacher_dir, tmp_path):
-    from utils.kd_trainer import KDTrainer
+    from utils.training.kd_trainer import KDTrainer
     student = load_model(tiny_teacher_dir / "teacher", quantized=False)
     args = train.QATTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="use loss 'kd' with a teacher or 'ce' without one"):

@@ -16,16 +16,18 @@ import glob
 import hashlib
 import json
 import logging
-import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from utils.records import SequenceRecord, TeacherIdentity
+from utils.data.records import SequenceRecord, TeacherIdentity
+from utils.safety import atomic_file
 
 logger = logging.getLogger(__name__)
 
 LOCATIONS_SHOWN = 5
-SHARD_PATTERN = "shard-*.jsonl"  # what generate_data.py writes (utils.synthesis.shard_path)
+SHARD_PATTERN = "shard-*.jsonl"  # what generate_data.py writes (utils.data.synthesis.shard_path)
 
 
 class MixedTeachersError(ValueError):
@@ -134,72 +136,65 @@ def merge_shards(files: list[Path], output: Path, force: bool = False, heldout: 
     if heldout:
         refuse_overwrite(heldout_path, force)
     output.parent.mkdir(parents=True, exist_ok=True)
-    report = MergeReport()
-    seen = set()
-    kept_tmp = output.with_name(output.name + ".tmp")
-    teacher_file, settings_file = None, None
-    try:
-        # Pass 1: validate into a temporary file; held-out start tokens need every start token known first.
-        with kept_tmp.open("w") as kept:
-            for path in files:
-                with path.open() as f:
-                    for line_number, line in enumerate(f, 1):
-                        location = f"{path.name}:{line_number}"
-                        try:
-                            record = SequenceRecord.from_line(line)
-                        except ValueError as err:
-                            logger.warning("Skipping %s: %s", location, err)
-                            report.malformed.append(location)
-                            continue
-                        if report.teacher is None:
-                            report.teacher, teacher_file = record.teacher, path
-                        elif record.teacher != report.teacher:
-                            raise MixedTeachersError(
-                                f"{location} comes from teacher {record.teacher} but {teacher_file} from "
-                                f"{report.teacher}; merge the shards of one teacher at a time")
-                        if not report.settings:
-                            report.settings, settings_file = [record.sampling], path
-                        elif record.sampling not in report.settings:
-                            if not allow_mixed_settings:
-                                raise MixedSettingsError(
-                                    f"{location} was generated with '{record.sampling}' but {settings_file} with "
-                                    f"'{report.settings[0]}'; merge one setting at a time, or pass "
-                                    "--allow-mixed-settings")
-                            report.settings.append(record.sampling)
-                        digest = sequence_digest(record.input_ids)
-                        if digest in seen:
-                            report.duplicates += 1
-                            continue
-                        seen.add(digest)
-                        report.train.add(record)
-                        kept.write(line if line.endswith("\n") else line + "\n")
-        if not report.kept:
-            raise ValueError(f"no valid line in {len(files)} shard file(s); check them with generate_data.py")
-        if heldout:
-            split_heldout(kept_tmp, output, heldout_path, heldout, seed, report)
-        else:
-            os.replace(kept_tmp, output)
-    finally:
-        kept_tmp.unlink(missing_ok=True)
+    if not heldout:
+        with atomic_file(output) as kept:
+            return validate_shards(files, kept, allow_mixed_settings)
+    # Held-out start tokens need every start token known first: the kept lines wait in a file that vanishes with us.
+    with tempfile.TemporaryFile("w+", dir=output.parent) as kept:
+        report = validate_shards(files, kept, allow_mixed_settings)
+        kept.seek(0)
+        split_heldout(kept, output, heldout_path, heldout, seed, report)
     return report
 
 
-def split_heldout(kept_path: Path, output: Path, heldout_path: Path, count: int, seed: int,
-                  report: MergeReport):
+def validate_shards(files: list[Path], kept: IO[str], allow_mixed_settings: bool) -> MergeReport:
+    """Write the valid, distinct lines of `files` to `kept`; ValueError if there is none."""
+    report = MergeReport()
+    seen = set()
+    teacher_file, settings_file = None, None
+    for path in files:
+        with path.open() as f:
+            for line_number, line in enumerate(f, 1):
+                location = f"{path.name}:{line_number}"
+                try:
+                    record = SequenceRecord.from_line(line)
+                except ValueError as err:
+                    logger.warning("Skipping %s: %s", location, err)
+                    report.malformed.append(location)
+                    continue
+                if report.teacher is None:
+                    report.teacher, teacher_file = record.teacher, path
+                elif record.teacher != report.teacher:
+                    raise MixedTeachersError(
+                        f"{location} comes from teacher {record.teacher} but {teacher_file} from "
+                        f"{report.teacher}; merge the shards of one teacher at a time")
+                if not report.settings:
+                    report.settings, settings_file = [record.sampling], path
+                elif record.sampling not in report.settings:
+                    if not allow_mixed_settings:
+                        raise MixedSettingsError(
+                            f"{location} was generated with '{record.sampling}' but {settings_file} with "
+                            f"'{report.settings[0]}'; merge one setting at a time, or pass --allow-mixed-settings")
+                    report.settings.append(record.sampling)
+                digest = sequence_digest(record.input_ids)
+                if digest in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(digest)
+                report.train.add(record)
+                kept.write(line if line.endswith("\n") else line + "\n")
+    if not report.kept:
+        raise ValueError(f"no valid line in {len(files)} shard file(s); check them with generate_data.py")
+    return report
+
+
+def split_heldout(kept: IO[str], output: Path, heldout_path: Path, count: int, seed: int, report: MergeReport):
     """Pass 2: sequences of the held-out start tokens go to `heldout_path`, the rest to `output`."""
     held = heldout_start_tokens(report.train.start_tokens, count, seed)
     report.train, report.heldout = SplitStatistics(), SplitStatistics()
-    train_tmp, heldout_tmp = output.with_name(output.name + ".train.tmp"), heldout_path.with_name(
-        heldout_path.name + ".tmp")
-    try:
-        with kept_path.open() as kept, train_tmp.open("w") as train, heldout_tmp.open("w") as heldout:
-            for line in kept:
-                record = SequenceRecord.from_line(line)
-                split = report.heldout if record.start_token in held else report.train
-                split.add(record)
-                (heldout if split is report.heldout else train).write(line)
-        os.replace(train_tmp, output)
-        os.replace(heldout_tmp, heldout_path)
-    finally:
-        train_tmp.unlink(missing_ok=True)
-        heldout_tmp.unlink(missing_ok=True)
+    with atomic_file(output) as train, atomic_file(heldout_path) as heldout:
+        for line in kept:
+            record = SequenceRecord.from_line(line)
+            split = report.heldout if record.start_token in held else report.train
+            split.add(record)
+            (heldout if split is report.heldout else train).write(line)

@@ -4,7 +4,7 @@ The arithmetic behind `scripts/plan_memory.py`. Parameters are counted on a meta
 allocated); every other term is a formula of the config's shapes and the training settings. The setting is
 the one `scripts/run_train.sh` launches on GPUs: FSDP full_shard wrapped per decoder layer, bf16 mixed
 precision over float32 master weights, AdamW, gradient checkpointing per decoder layer, the bf16 teacher
-sharded the same way, flash (SDPA) attention, and the chunked KL loss of `utils/kd_trainer.py`. The student is
+sharded the same way, flash (SDPA) attention, and the chunked KL loss of `utils/training/kd_trainer.py`. The student is
 the paper's: every decoder linear layer fake-quantizes its weight and input, k/v projections their output.
 
 The total adds every component at its own peak, so it errs on the safe side: in a real step the gradients
@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from models.rotations import head_dim
+
 GIB = 2**30
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/<name>/config.json
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # configs/<name>/config.json
 SHIPPED_MODELS = ("llama-7b", "llama-13b", "llama-30b")  # LLaMA-1 shapes, the paper's models
 PRECISION_BYTES = {"bf16": 2, "fp32": 4}
 FP32_BYTES = 4
@@ -81,7 +83,6 @@ def model_shape(config: PretrainedConfig, name: str | None = None) -> ModelShape
         raise ValueError(f"model type {config.model_type!r} is not a LLaMA-family decoder (layers with q/k/v/o and "
                          "gate/up/down projections); give a LLaMA, Mistral or Qwen2-style config")
     layer = layers[0]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return ModelShape(
         name=name or getattr(config, "name_or_path", "") or config.model_type,
@@ -90,8 +91,8 @@ def model_shape(config: PretrainedConfig, name: str | None = None) -> ModelShape
         layer_linear_weights=sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear)),
         num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
-        num_heads=config.num_attention_heads, query_dim=config.num_attention_heads * head_dim,
-        kv_dim=num_kv_heads * head_dim)
+        num_heads=config.num_attention_heads, query_dim=config.num_attention_heads * head_dim(config),
+        kv_dim=num_kv_heads * head_dim(config))
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ def _zero3_inference_engine(teacher, args):
 
 
 def _fsdp2_sharded_teacher(teacher, accelerator):
-    """Shard the teacher as Accelerate shards the student (issue "Paper scale on GPUs"): `fully_shard` per decoder
+    """Shard the teacher as Accelerate shards the student (README "Paper scale on GPUs"): `fully_shard` per decoder
     layer (the fsdp_config's `transformer_layer_cls_to_wrap`, else `_no_split_modules`), the embedding and the head,
     then the root, with the student's MixedPrecisionPolicy and mesh. A full replica per GPU would not fit at paper
     scale."""

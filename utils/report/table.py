@@ -1,10 +1,10 @@
-"""The paper's tables from evaluate.py result records (issue #15): written here only.
+"""The paper's tables from evaluate.py result records: written here only.
 
 `write_grid` writes table.md, table.csv and table.png in the layout of the paper's Table 1 turned for a grid: one
-row per W-A-KV setting, and for every metric one column per method (FP, RTN, GPTQ, SmoothQuant, LLM-QAT, and RTN /
-LLM-QAT + rotation where the grid has them), then the share of the RTN -> FP perplexity gap each QAT cell closes.
-`write_ablation` writes ablation.md / ablation.csv: one row per training setting (data source, loss) at one
-W-A-KV, as the paper's Tables 3 and 4.
+row per W-A-KV setting, and for every metric one column per method of the grid (utils/report/methods.py: FP, RTN,
+GPTQ, SmoothQuant, LLM-QAT, and RTN / LLM-QAT + rotation where the grid has them), then the share of the RTN -> FP
+perplexity gap each QAT method closes. `write_ablation` writes ablation.md / ablation.csv: one row per training
+setting (data source, loss) at one W-A-KV, as the paper's Tables 3 and 4.
 
 A cell is a result record (a dict with `metrics`) or a status string: "not installed", "failed", "n/a" (the
 method does not apply to the row, e.g. SmoothQuant without activation quantization) or "pending".
@@ -15,25 +15,14 @@ import csv
 import math
 from pathlib import Path
 
-from utils.compare import METHOD_LABELS, OTHER_COLUMNS, TASK_LABELS, gap_closed
+from utils.evaluation.tasks import TASK_LABELS
+from utils.report.compare import OTHER_COLUMNS, gap_closed
+from utils.report.methods import METHODS
 
-GRID_METHODS = ("fp", "rtn", "gptq", "smoothquant", "qat")
-ROTATED_METHODS = ("rtn_rotated", "qat_rotated")  # the table's --rotate: issue #14's rotations, beside the paper's
-TABLE_METHOD_LABELS = {**METHOD_LABELS, "qat": "LLM-QAT", "rtn_rotated": "RTN + rotation",
-                       "qat_rotated": "LLM-QAT + rotation"}
-GAP_METHODS = {"qat": "QAT", "qat_rotated": "QAT + rotation"}  # their share of the (unrotated) RTN -> FP gap
 # compare.py's columns (key, header, scale, format), after the average accuracy computed from the task accuracies.
 METRICS = (("avg_accuracy", "Avg. accuracy (%)", 100, "{:.1f}"), *OTHER_COLUMNS)
 GAP_METRICS = (("heldout_perplexity", "held-out"), ("perplexity", "text"))
 PENDING = "pending"
-
-
-def row_bits(row: str) -> tuple[int, int, int]:
-    """`4-8-4` -> (4, 8, 4); ValueError naming the fix otherwise."""
-    parts = row.split("-")
-    if len(parts) != 3 or not all(part.isdigit() for part in parts):
-        raise ValueError(f"row {row!r} is not W-A-KV bits such as 4-8-4; set ROWS to e.g. \"4-8-4 8-8-8\"")
-    return tuple(int(part) for part in parts)
 
 
 def metric_value(cell, key: str) -> float | None:
@@ -58,8 +47,13 @@ def used_metrics(cells) -> list[tuple]:
 
 
 def grid_methods(grid: dict[str, dict]) -> list[str]:
-    """The paper's methods, then the rotated ones where the grid has them."""
-    return [*GRID_METHODS, *(m for m in ROTATED_METHODS if any(m in row_cells for row_cells in grid.values()))]
+    """The methods the grid has, in the registry's order."""
+    return [m for m in METHODS if any(m in row_cells for row_cells in grid.values())]
+
+
+def gap_methods(methods: list[str]) -> list[str]:
+    """Those of `methods` whose share of the (unrotated) RTN -> FP gap has a column."""
+    return [m for m in methods if METHODS[m].gap]
 
 
 def qat_gap(cells: dict, key: str, method: str = "qat") -> str:
@@ -74,11 +68,11 @@ def grid_rows(grid: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: W-A-KV, then metric x method, then the gaps QAT closes. `grid[row][method]` is a cell."""
     cells = [cell for row in grid.values() for cell in row.values()]
     metrics, methods = used_metrics(cells), grid_methods(grid)
-    gaps = [(key, where, method) for method in GAP_METHODS if method in methods
+    gaps = [(key, where, method) for method in gap_methods(methods)
             for key, where in GAP_METRICS if any(key == m[0] for m in metrics)]
     header = ["#Bits (W-A-KV)"]
-    header += [f"{title}: {TABLE_METHOD_LABELS[m]}" for _, title, _, _ in metrics for m in methods]
-    header += [f"{GAP_METHODS[method]} gap closed ({where})" for _, where, method in gaps]
+    header += [f"{title}: {METHODS[m].label}" for _, title, _, _ in metrics for m in methods]
+    header += [f"{METHODS[method].gap} gap closed ({where})" for _, where, method in gaps]
     rows = []
     for row, row_cells in grid.items():
         line = [row]
@@ -100,10 +94,10 @@ def per_metric_markdown(grid: dict[str, dict]) -> str:
     methods = grid_methods(grid)
     parts = []
     for key, title, scale, fmt in used_metrics(cells):
-        header = ["#Bits (W-A-KV)"] + [TABLE_METHOD_LABELS[m] for m in methods]
+        header = ["#Bits (W-A-KV)"] + [METHODS[m].label for m in methods]
         where = dict(GAP_METRICS).get(key)
-        gaps = [method for method in GAP_METHODS if method in methods] if where else []
-        header += [f"{GAP_METHODS[method]} gap closed ({where})" for method in gaps]
+        gaps = gap_methods(methods) if where else []
+        header += [f"{METHODS[method].gap} gap closed ({where})" for method in gaps]
         rows = [[row] + [formatted(row_cells.get(m, "n/a"), key, scale, fmt) for m in methods]
                 + [qat_gap(row_cells, key, method) for method in gaps] for row, row_cells in grid.items()]
         parts.append(f"### {title}\n\n{markdown(header, rows)}")
@@ -137,7 +131,7 @@ def plot_grid(grid: dict[str, dict], path: Path, title: str) -> None:
             values = [metric_value(grid[row].get(method), key) for row in rows]
             ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(rows))],
                    [float("nan") if v is None else scale * v for v in values], width,
-                   label=TABLE_METHOD_LABELS[method])
+                   label=METHODS[method].label)
         ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
         ax.set_title(name)
         if "ppl" in name:

@@ -18,21 +18,18 @@ then map what it built. The kernel drops the lock when its holder exits or is ki
 """
 from __future__ import annotations
 
-import fcntl
-import glob
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from array import array
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from utils.safety import atomic_file, file_lock, remove_leftovers, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +88,7 @@ def open_token_store(source: str | Path, sequences: Iterable[Sequence[int]], voc
     source = Path(source)
     directory = store_directory(source)
     built_for = {"vocab_size": vocab_size, **built_for}
-    with _locked(directory):
+    with file_lock(directory.with_name(directory.name + ".lock")):
         manifest = _usable_manifest(directory, source, built_for)
         if manifest:
             logger.info("Reusing the token store %s", directory)
@@ -112,23 +109,6 @@ def read_manifest(directory: Path) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return manifest if complete else None
-
-
-@contextmanager
-def _locked(directory: Path):
-    lock_path = directory.with_name(directory.name + ".lock")
-    try:
-        lock = lock_path.open("a")  # never removed: removing a lock file lets two holders lock two files
-    except OSError as err:
-        raise OSError(f"cannot create {lock_path} ({err.strerror}): the token store is written beside the data "
-                      "file; make its directory writable") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Waiting for another process to finish the token store %s", directory)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _source_state(source: Path) -> dict:
@@ -161,13 +141,12 @@ def _usable_manifest(directory: Path, source: Path, built_for: dict) -> dict | N
 
 def _build(source: Path, directory: Path, sequences: Iterable[Sequence[int]], dtype: np.dtype,
            built_for: dict) -> dict:
-    for leftover in directory.parent.glob(glob.escape(directory.name) + ".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # a killed build's: we hold the lock, so none is running
+    remove_leftovers(directory)  # a killed build's: we hold the lock, so none is running
     logger.info("Building the token store %s from %s", directory, source)
     started = time.perf_counter()
     source_state = {**_source_state(source), "sha256": _sha256(source)}  # before reading: a later edit shows
-    building = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-    try:
+    # Readers that mapped an old store keep its files until they unmap.
+    with staged_directory(directory, replace=True) as building:
         offsets = array("q", [0])
         with (building / TOKENS).open("wb") as out:
             for ids in sequences:
@@ -180,9 +159,6 @@ def _build(source: Path, directory: Path, sequences: Iterable[Sequence[int]], dt
         manifest = {"format": FORMAT, "dtype": dtype.str, "tokens": offsets[-1], "sequences": len(offsets) - 1,
                     "source": source_state, "built_for": built_for}
         _write_json(building / MANIFEST, manifest)
-        _install(building, directory)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)  # gone already once installed
     logger.info("Built the token store %s: %d sequences, %d tokens as %s in %.1f s", directory,
                 manifest["sequences"], manifest["tokens"], dtype.name, time.perf_counter() - started)
     return manifest
@@ -194,21 +170,6 @@ def _sync(file):
 
 
 def _write_json(path: Path, value: dict):
-    """Written beside and renamed over `path`: readers see the old file or the new one, never half of one."""
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w") as out:
+    """Readers see the old file or the new one, never half of one."""
+    with atomic_file(path, sync=True) as out:
         json.dump(value, out, indent=1)
-        _sync(out)
-    os.replace(partial, path)
-
-
-def _install(building: Path, directory: Path):
-    """Move the finished store into place; an old one is renamed aside first (a directory cannot be renamed over
-    a non-empty one). Readers that mapped the old files keep them until they unmap."""
-    if directory.exists():
-        aside = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-        os.rename(directory, aside / "old")
-        os.rename(building, directory)
-        shutil.rmtree(aside)
-    else:
-        os.rename(building, directory)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils.data import PadCollator, read_token_sequences
+from utils.data.dataset import PadCollator, read_token_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ DEFAULT_TEXT = (
 
 def token_sequences(tokenizer, path: str | Path | None = None, max_length: int = 2048, teacher=None,
                     vocab_size: int | None = None) -> list[list[int]]:
-    """Token id lists from a `.jsonl` file of sequences (checked as `utils.data.read_token_sequences` does, against
-    `teacher` and `vocab_size`) or any other text file; no path means `DEFAULT_TEXT`. Sequences longer than
+    """Token id lists from a `.jsonl` file of sequences (checked as `utils.data.dataset.read_token_sequences` does,
+    against `teacher` and `vocab_size`) or any other text file; no path means `DEFAULT_TEXT`. Sequences longer than
     `max_length` are cut into consecutive windows."""
     if max_length < 2:
         raise ValueError(f"--max-length {max_length} must be at least 2: perplexity needs a token to predict")

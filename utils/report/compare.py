@@ -12,14 +12,12 @@ import logging
 import os
 from pathlib import Path
 
-from utils.harness import PAPER_TASKS
+from utils.evaluation.tasks import PAPER_TASKS, TASK_LABELS
 
 logger = logging.getLogger(__name__)
 
 METHOD_LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "qat": "QAT"}
 METHOD_ORDER = {method: order for order, method in enumerate(METHOD_LABELS)}
-TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "social_iqa": "SIQA", "hellaswag": "HellaSwag",
-               "winogrande": "WinoGrande", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 # Non-task columns: (metric key, header, scale for display, format). Accuracies show in percent, as in the paper.
 OTHER_COLUMNS = (
     ("wikitext/word_perplexity", "Wiki ppl", 1, "{:.2f}"),

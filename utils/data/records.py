@@ -6,7 +6,8 @@ generate_data.py writes one JSON object a line (paper section 2.1):
      "teacher": "SmolLM2-135M-Instruct|vocab=49152|tokenizer=0123456789ab", "sampling": "greedy=3,4,5 ..."}
 
 `teacher` says whose token ids these are: the model's name, its vocabulary size and a hash of its tokenizer's
-vocabulary. Token ids of two teachers mean the same words only when the last two agree.
+vocabulary. Token ids of two teachers mean the same words only when the last two agree. The names of the embedded
+default teacher are here too (utils/training/loading.py loads it): naming a teacher needs no model stack.
 
 Training and evaluation read any JSON lines with `input_ids` (or `text`, tokenized) and an optional `teacher`
 (`read_sequence`), so real text and other tools' files work too.
@@ -18,7 +19,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.loading import DEFAULT_MODEL_NAME, is_default_model
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default teacher
+
+
+def is_default_model(name_or_path) -> bool:
+    """The ways a user names the embedded default: nothing, "default", or its model name."""
+    return name_or_path in (None, "", "default", DEFAULT_MODEL_NAME)
+
+
+def model_display_name(name_or_path) -> str:
+    return DEFAULT_MODEL_NAME if is_default_model(name_or_path) else str(name_or_path)
 
 
 def tokenizer_hash(tokenizer) -> str:

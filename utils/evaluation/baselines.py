@@ -11,16 +11,13 @@ A baseline is saved as a float model directory whose config.json records what wa
   the weights again would be a second, different quantizer.
 - smoothquant: activation outliers moved into the weights (scale alpha, SmoothQuant's eq. 4) through the RMSNorm
   scales; still float. Evaluated at W-A-KV, all three quantizers are applied exactly as for RTN.
-So at one W-A-KV the methods differ only in their weights (issue #15).
+So at one W-A-KV the methods differ only in their weights, as in the paper's Table 1.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,9 +25,10 @@ import torch
 
 from models.checkpoint import saved_config
 from models.quantize import QATConfig
-from utils.data import read_token_sequences
-from utils.loading import load_model, load_tokenizer, model_display_name, resolve_model_path
-from utils.records import TeacherIdentity
+from utils.data.dataset import read_token_sequences
+from utils.data.records import TeacherIdentity, model_display_name
+from utils.safety import staged_directory
+from utils.training.loading import load_model, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +127,9 @@ def run_baseline(method: str, model: str | None, calibration: str | Path, output
                 + _version("llmcompressor")}
     settings.update({"w_bits": w_bits} if method == "gptq" else {"smoothing_strength": smoothing_strength})
     setattr(result.config, BASELINE_KEY, settings)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
-        result.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_directory(output_dir) as staging:
+        result.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     logger.info("Saved the %s model to %s (%s)", method.upper(), output_dir, json.dumps(settings))
     return output_dir
 

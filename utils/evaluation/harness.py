@@ -14,12 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from models.quantize import QATConfig, quantized_modules
+from utils.evaluation.tasks import DEFAULT_TASKS
 
 logger = logging.getLogger(__name__)
-
-# The paper's zero-shot common-sense tasks (Table 1), then WikiText-2 perplexity.
-PAPER_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-DEFAULT_TASKS = PAPER_TASKS + ("wikitext",)
 
 DATA_HELP = ("the harness downloads task datasets from the Hugging Face hub, so it needs network access, or a "
              "local copy: fill the datasets cache once with network and set HF_DATASETS_OFFLINE=1, or write a task "
