@@ -175,7 +175,7 @@ class QuantLinear(nn.Linear):
     it is quantized, and an `output_quantizer` (k_proj / v_proj with pre-RoPE KV) quantizes the output."""
 
     def __init__(self, linear: nn.Linear, config: QATConfig, output_quantizer: KVQuantizer | None = None,
-                 input_rotation: nn.Module | None = None):
+                 input_rotation: nn.Module | None = None, weight_on_grid: bool = False):
         nn.Module.__init__(self)  # reuse `linear`'s parameters as they are: no copy, no re-initialisation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
@@ -183,7 +183,7 @@ class QuantLinear(nn.Linear):
         self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
         self.grid = config.grid
         self.input_rotation, self.output_quantizer = input_rotation, output_quantizer
-        self.weight_on_grid = False  # True for an export's weight: codes * scales as stored, never re-derived
+        self.weight_on_grid = weight_on_grid  # an export's weight: codes * scales as stored, never re-derived
 
     @property
     def out_bits(self) -> int:
@@ -341,9 +341,8 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
             if child in KV_PROJECTIONS and pre_rope and kv_quantized else None
         input_rotation = OnlineRotation(config.rotate, linear.in_features, config.rotate_seed, DOWN_PROJ_INPUT) \
             if child == "down_proj" and config.rotate != "none" else None
-        layer = QuantLinear(linear, config, output_quantizer, input_rotation)
-        layer.weight_on_grid = weights_on_grid
-        setattr(model.get_submodule(parent_name), child, layer)
+        setattr(model.get_submodule(parent_name), child,
+                QuantLinear(linear, config, output_quantizer, input_rotation, weights_on_grid))
     attentions = [module for module in model.modules() if isinstance(getattr(module, "k_proj", None), QuantLinear)]
     _set_post_rope_kv(model, attentions, config if kv_quantized and not pre_rope else None)
     model.config.llm_qat = asdict(config)
