@@ -133,16 +133,6 @@ def qat_name(bits: str, loss: str, rotate: str) -> str:
     return f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
 
 
-def kv_placement(bits: str, rotate: str) -> str:
-    """The paper's pre-RoPE keys, except where rotation quantizes keys: after RoPE, in the rotated basis (R3)."""
-    return "post_rope" if rotate != "none" and row_bits(bits)[2] < 16 else "pre_rope"
-
-
-def qat_name(bits: str, loss: str, rotate: str) -> str:
-    """`qat-4-8-4`, with the loss and rotation where they are not the paper's (`qat-4-8-4-ce`, `qat-4-8-4-hadamard`)."""
-    return f"qat-{bits}{'-' + loss if loss != 'kd' else ''}{'-' + rotate if rotate != 'none' else ''}"
-
-
 class Tasks(NamedTuple):
     """The lm-eval tasks of every evaluation cell, and why these."""
 

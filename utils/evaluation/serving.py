@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
