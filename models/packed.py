@@ -24,17 +24,14 @@ from torch import nn
 
 from .checkpoint import saved_config
 from .quantize import CONFIG_KEY, KV_PROJECTIONS, QuantLinear, quantize_model
-from .quantizers import FULL_PRECISION, grouped, symmetric_codes
+from .quantizers import FULL_PRECISION
 
 
 def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer codes (int8, [out, in]) and scales (float: [out, 1] per channel, [out, in / G] per group of
     G columns) of `layer`'s weight, with codes * scales (per group) == `layer.quantized_weight()` bit for bit: the
     same scale and rounding as `models.quantizers` on the layer's grid."""
-    weight = layer.weight.detach()
-    codes, scales = symmetric_codes(grouped(weight, layer.w_group_size), layer.w_bits, layer.grid)
-    if layer.w_group_size:
-        codes, scales = codes.reshape(weight.shape), scales.squeeze(-1)
+    codes, scales = layer.weight_codes()
     return codes.to(torch.int8), scales
 
 
@@ -120,11 +117,12 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
 
     tensors = _read_tensors(path)
     schemes = {target: scheme for scheme in packing.config_groups.values() for target in scheme.targets}
-    state = {}
+    state, stored_scales = {}, {}
     for name, module in match_named_modules(model, schemes, packing.ignore):
         scheme = schemes[match_targets(name, module, schemes)[0]]
         prefix = f"{name}."
         local = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        stored_scales[name] = local["weight_scale"].to(torch.float32)
         decompressor = BaseCompressor.get_value_from_registry(scheme.format)
         weight = decompressor.decompress(local, scheme)["weight"]
         state[f"{prefix}weight"] = weight.to(torch.float32)
@@ -137,4 +135,7 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     if set(result.missing_keys) - tied or result.unexpected_keys:
         raise ValueError(f"{path} does not match its config: missing {sorted(set(result.missing_keys) - tied)}, "
                          f"unexpected {result.unexpected_keys}; export it again with scripts/export.py")
-    return quantize_model(model, **settings).to(device).eval()
+    student = quantize_model(model, **settings)
+    for name, scales in stored_scales.items():  # an integer product uses them as vLLM does, never re-derived
+        student.get_submodule(name).weight_scale = scales
+    return student.to(device).eval()

@@ -21,10 +21,14 @@ that leaves its function unchanged (R1, R2 and R4's inverse folded into the weig
 online (R4) before quantizing it, and post-RoPE keys are quantized in a rotated basis (R3): x -> Q(x R3) R3^T,
 which gives attention exactly what rotating both queries and cached keys by R3 gives (`KVQuantizer`).
 
-Two recipes, each only a set of defaults for the options `grid` and `ste_clip`:
+Three recipes, each only a set of defaults for the options `grid`, `ste_clip` and `arithmetic`:
   - "paper" (the default): the paper's grid of 2^b - 1 levels and the released STE (`ste_clip=2`);
-  - "deploy": compressed-tensors' full 2^b-level grid, the one vLLM and transformers run, and an STE that is
-    zero only where that grid clips (`ste_clip=None`), so a packed export runs as the student trained.
+  - "deploy": compressed-tensors' full 2^b-level grid, the one transformers runs, and an STE that is zero only
+    where that grid clips (`ste_clip=None`), so a packed export runs in transformers as the student trained;
+  - "vllm": what vLLM's CPU kernels compute (measured, docs/EXPORT.md): the paper's grid, which is vLLM's int8
+    activation quantizer bit for bit; int activations times int weights summed exactly, as its int32 accumulator
+    does, then scaled (`arithmetic="vllm"`); weight-only layers with their scales and dequantized weights in
+    bfloat16, as its int4 kernel holds them.
 
 The settings are written to `model.config.llm_qat`, so they travel with `save_pretrained`; `models.checkpoint`
 saves and reloads students.
@@ -46,7 +50,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .quantizers import FULL_PRECISION, GRIDS, check_bits, fake_quantize
+from .quantizers import (FULL_PRECISION, GRIDS, check_bits, fake_quantize, grouped, in_scale_dtype, integer_linear,
+                         symmetric_codes, upcast)
 from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
@@ -54,7 +59,12 @@ KV_PLACEMENTS = ("pre_rope", "post_rope")
 CONFIG_KEY = "llm_qat"
 EXPORT_KEY = "llm_qat_export"  # in an export's config: its format; its weights are stored on their grid
 NEVER_CLIP_FLAG = 0  # how a command line spells ste_clip=None
-RECIPES = {"paper": dict(grid="paper", ste_clip=2.0), "deploy": dict(grid="full", ste_clip=None)}
+ARITHMETICS = ("float", "vllm")
+RECIPES = {"paper": dict(grid="paper", ste_clip=2.0, arithmetic="float"),
+           "deploy": dict(grid="full", ste_clip=None, arithmetic="float"),
+           "vllm": dict(grid="paper", ste_clip=2.0, arithmetic="vllm")}
+# vLLM's CPU int4 weight-only kernel holds the scales and the dequantized weights in bfloat16 (docs/EXPORT.md).
+VLLM_WEIGHT_ONLY_DTYPE = torch.bfloat16
 
 
 class _RecipeDefault:
@@ -90,6 +100,10 @@ class QATConfig:
     grid: str = field(default=RECIPE_DEFAULT, metadata={
         "help": "paper: 2^b - 1 levels, scale max|x| / (2^(b-1) - 1); full: compressed-tensors' 2^b levels, scale "
                 "max|x| / (2^(b-1) - 0.5), gradient zero where it clips", "choices": GRIDS})
+    arithmetic: str = field(default=RECIPE_DEFAULT, metadata={
+        "help": "float: multiply the dequantized values in float (the paper, transformers); vllm: what vLLM's CPU "
+                "kernels compute (int products summed exactly, then scaled; weight-only scales in bfloat16)",
+        "choices": ARITHMETICS})
     rotate: str = field(default="none", metadata={
         "help": "rotate the float model before quantizing (folded into the weights, plus online rotations of "
                 "down_proj's input and of post-RoPE keys): none (the paper), hadamard, random", "choices": ROTATIONS})
@@ -103,6 +117,14 @@ class QATConfig:
                 object.__setattr__(self, name, value)
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r} is not one of {', '.join(GRIDS)}")
+        if self.arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic={self.arithmetic!r} is not one of {', '.join(ARITHMETICS)}")
+        if self.integer_product and self.w_group_size is not None:
+            raise ValueError("arithmetic=vllm multiplies int activations by weights with one scale per output "
+                             "channel (vLLM's int8 kernel); drop --w_group_size or use --a_bits 16")
+        if self.integer_product and not self.act_symmetric:
+            raise ValueError("arithmetic=vllm multiplies symmetric int activations (vLLM's asymmetric ones use another "
+                             "range); drop --no_act_symmetric")
         for name in ("w_bits", "a_bits", "kv_bits"):
             check_bits(getattr(self, name), name)
         if self.w_group_size is not None and not (isinstance(self.w_group_size, int) and self.w_group_size > 0):
@@ -118,6 +140,16 @@ class QATConfig:
         if self.ste_clip is not None and not self.ste_clip > 0:
             raise ValueError(f"ste_clip={self.ste_clip!r} must be a positive number, or None to never clip "
                              f"(--ste_clip {NEVER_CLIP_FLAG} on a command line)")
+
+    @property
+    def integer_product(self) -> bool:
+        """Whether quantized layers multiply integer codes (vLLM's int8 kernel) instead of dequantized floats."""
+        return self.arithmetic == "vllm" and FULL_PRECISION not in (self.w_bits, self.a_bits)
+
+    @property
+    def weight_scale_dtype(self) -> torch.dtype | None:
+        """The dtype weight scales and dequantized weights are held in: bfloat16 in vLLM's weight-only kernel."""
+        return VLLM_WEIGHT_ONLY_DTYPE if self.arithmetic == "vllm" and self.a_bits == FULL_PRECISION else None
 
     @classmethod
     def from_flags(cls, **flags) -> QATConfig:
@@ -181,9 +213,10 @@ class QuantLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits = config.w_bits, config.a_bits
         self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
-        self.grid = config.grid
+        self.grid, self.integer_product, self.scale_dtype = config.grid, config.integer_product, config.weight_scale_dtype
         self.input_rotation, self.output_quantizer = input_rotation, output_quantizer
         self.weight_on_grid = weight_on_grid  # an export's weight: codes * scales as stored, never re-derived
+        self.register_buffer("weight_scale", None, persistent=False)  # an export's stored scales (models.packed)
 
     @property
     def out_bits(self) -> int:
@@ -191,19 +224,37 @@ class QuantLinear(nn.Linear):
 
     def quantized_weight(self):
         if self.weight_on_grid:  # re-deriving the scales is not idempotent on the full grid (int4: max 8s vs 7.5s)
-            return self.weight
-        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size, self.grid)
+            return in_scale_dtype(self.weight, self.scale_dtype)  # codes * scales as the engine dequantizes them
+        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size, self.grid,
+                             self.scale_dtype)
+
+    def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's integer codes (float, [out, in]) and scales ([out, 1] per channel, [out, in / G] per group),
+        with codes * scales == `quantized_weight()`: an export's stored scales, or this grid's."""
+        weight = self.weight.detach()
+        if self.weight_on_grid and self.weight_scale is not None:
+            scales = self.weight_scale.to(upcast(weight).dtype)
+            return torch.round(upcast(weight) / scales.repeat_interleave(weight.shape[-1] // scales.shape[-1], -1)), scales
+        codes, scales = symmetric_codes(grouped(weight, self.w_group_size), self.w_bits, self.grid, self.scale_dtype)
+        return (codes.reshape(weight.shape), scales.squeeze(-1)) if self.w_group_size else (codes, scales)
 
     def forward(self, x):
         if self.input_rotation is not None:
             x = self.input_rotation(x)
-        x = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip, None, self.grid)
-        y = F.linear(x, self.quantized_weight(), self.bias)
+        x_q = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip, None, self.grid)
+        if self.integer_product:
+            x_codes, x_scale = symmetric_codes(x.detach(), self.a_bits, self.grid)
+            y = integer_linear(x_q, self.quantized_weight(), self.bias, x_codes, x_scale, *self.weight_codes())
+        else:
+            y = F.linear(x_q, self.quantized_weight(), self.bias)
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def extra_repr(self):
         group = f", w_group_size={self.w_group_size}" if self.w_group_size else ""
-        return f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, grid={self.grid}"
+        arithmetic = ", integer product" if self.integer_product else ""
+        scale_dtype = f", scale_dtype={self.scale_dtype}" if self.scale_dtype else ""
+        return (f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, grid={self.grid}"
+                f"{arithmetic}{scale_dtype}")
 
 
 # ---- post-RoPE KV: quantized where attention reads the cache ----

@@ -54,24 +54,36 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def symmetric_codes(x: torch.Tensor, bits: int, grid: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+def in_scale_dtype(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """The scale as an engine holds it (vLLM's CPU int4 kernel: rounded to bfloat16 at load), in the math's dtype."""
+    return scale if scale_dtype is None else scale.to(scale_dtype).to(scale.dtype)
+
+
+def symmetric_codes(x: torch.Tensor, bits: int, grid: str = "paper",
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (as float32 or float64, in [-(2^(b-1)-1), 2^(b-1)-1], on the full grid [-2^(b-1), 2^(b-1)-1])
-    and per-row scales with x_q = codes * scale. A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan)."""
+    and per-row scales with x_q = codes * scale. A row whose max is 0 has scale 0 and codes 0 (0 * inf would be nan).
+    With `scale_dtype` the scale is rounded to it first and the codes are those of the rounded scale."""
     x = upcast(x)
     if grid == "full":
         low, high = full_range(bits)
-        rounded, scale, _ = _full_grid(x, bits, True)
+        rounded, scale, _ = _full_grid(x, bits, True, scale_dtype)
         codes = rounded.clamp(low, high)
     else:
         qmax = 2 ** (bits - 1) - 1
-        scale = x.abs().amax(dim=-1, keepdim=True) / qmax
+        scale = in_scale_dtype(x.abs().amax(dim=-1, keepdim=True) / qmax, scale_dtype)
         codes = torch.round(x * scale.reciprocal()).clamp_(-qmax, qmax)
     return torch.where(scale > 0, codes, torch.zeros_like(codes)), scale
 
 
-def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
-    codes, scale = symmetric_codes(x, bits)
-    return (codes * scale).to(x.dtype)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """codes * scale, rounded to `scale_dtype` where the engine dequantizes into it (vLLM's int4 kernel: bfloat16)."""
+    return in_scale_dtype(codes * scale, scale_dtype)
+
+
+def _symmetric(x: torch.Tensor, bits: int, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    codes, scale = symmetric_codes(x, bits, "paper", scale_dtype)
+    return dequantize(codes, scale, scale_dtype).to(x.dtype)
 
 
 def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -91,14 +103,15 @@ def full_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def _full_grid(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _full_grid(x: torch.Tensor, bits: int, symmetric: bool,
+               scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """round(x / s + z) before clamping, s and z, per row, in x's dtype, as compressed-tensors computes them
     (clamping after rounding gives the same codes: the bounds are integers)."""
     low, high = full_range(bits)
     row_min, row_max = x.amin(dim=-1, keepdim=True).clamp(max=0), x.amax(dim=-1, keepdim=True).clamp(min=0)
     levels = torch.tensor(high - low, dtype=x.dtype)  # a 0-dim tensor divides as compressed-tensors' does
     if symmetric:
-        scale = torch.maximum(-row_min, row_max) / (levels / 2)
+        scale = in_scale_dtype(torch.maximum(-row_min, row_max) / (levels / 2), scale_dtype)
         zero_point = torch.zeros_like(scale)
     else:
         scale = (row_max - row_min) / levels
@@ -106,13 +119,14 @@ def _full_grid(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tenso
     return torch.round(x / scale + zero_point), scale, zero_point
 
 
-def _full(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _full(x: torch.Tensor, bits: int, symmetric: bool,
+          scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The full-grid fake quantization of `x` and where it does not clip (a row of range 0 gives 0)."""
     dtype, x = x.dtype, upcast(x)
     low, high = full_range(bits)
-    rounded, scale, zero_point = _full_grid(x, bits, symmetric)
+    rounded, scale, zero_point = _full_grid(x, bits, symmetric, scale_dtype)
     inside = (rounded >= low) & (rounded <= high) | (scale == 0)  # a row of range 0 clips nothing (its codes are 0/0)
-    x_q = (rounded.clamp(low, high) - zero_point) * scale
+    x_q = dequantize(rounded.clamp(low, high) - zero_point, scale, scale_dtype)
     return torch.where(scale > 0, x_q, torch.zeros_like(x_q)).to(dtype), inside
 
 
@@ -123,13 +137,13 @@ def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bits, symmetric, ste_clip, group_size, grid):
+    def forward(ctx, x, bits, symmetric, ste_clip, group_size, grid, scale_dtype):
         rows = grouped(x, group_size)
         if grid == "full":
-            x_q, inside = _full(rows, bits, symmetric)
+            x_q, inside = _full(rows, bits, symmetric, scale_dtype)
             inside = inside.reshape(x.shape)
         else:
-            x_q, inside = _symmetric(rows, bits) if symmetric else _asymmetric(rows, bits), None
+            x_q, inside = _symmetric(rows, bits, scale_dtype) if symmetric else _asymmetric(rows, bits), None
         if ste_clip is not None:
             small = x.abs() < ste_clip
             inside = small if inside is None else inside & small
@@ -139,13 +153,57 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (inside,) = ctx.saved_tensors
-        return grad_output if inside is None else grad_output * inside, None, None, None, None, None
+        return grad_output if inside is None else grad_output * inside, None, None, None, None, None, None
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0,
-                  group_size: int | None = None, grid: str = "paper") -> torch.Tensor:
+                  group_size: int | None = None, grid: str = "paper",
+                  scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Quantize-dequantize `x` per row of its last dimension (per group of `group_size` values of it, if given)
-    on the paper's grid or the full one; identity for 16 bits."""
+    on the paper's grid or the full one; identity for 16 bits. `scale_dtype` (symmetric only): scales and
+    dequantized values rounded to it, as an engine that holds them in that dtype computes."""
     if bits == FULL_PRECISION:
         return x
-    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip, group_size, grid)
+    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip, group_size, grid, scale_dtype)
+
+
+# Integer products are summed in float32 blocks of this many columns: every partial sum of int8 x int8 codes
+# (|code| <= 128) then stays within 2^24, where float32 holds integers exactly, whatever order the GEMM adds in.
+EXACT_BLOCK = 2 ** 24 // (128 * 128)
+
+
+def integer_matmul(x_codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """x_codes @ w_codes^T summed exactly (what an int32 accumulator holds), as float64, for codes of up to 8 bits.
+    float32 blocks on CPU, where float32 GEMM is IEEE; float64 elsewhere (CUDA may run float32 as TF32)."""
+    with torch.autocast(x_codes.device.type, enabled=False):
+        if x_codes.device.type != "cpu":
+            return x_codes.double() @ w_codes.double().T
+        x_codes, w_codes = x_codes.float(), w_codes.float()
+        return sum((x_codes[..., k:k + EXACT_BLOCK] @ w_codes[:, k:k + EXACT_BLOCK].T).double()
+                   for k in range(0, x_codes.shape[-1], EXACT_BLOCK))
+
+
+class _IntegerLinearSTE(torch.autograd.Function):
+    """vLLM's int8 GEMM on the codes: y = fl(fl(fl(acc) * s_w) * s_x) (+ bias), acc the exact integer sum, in float32
+    (measured against vLLM's CPU kernel, docs/EXPORT.md); backward is that of F.linear(x_q, w_q): straight through."""
+
+    @staticmethod
+    def forward(ctx, x_q, w_q, bias, x_codes, x_scale, w_codes, w_scale):
+        ctx.save_for_backward(x_q, w_q)
+        ctx.has_bias = bias is not None
+        y = (integer_matmul(x_codes, w_codes).float() * w_scale.float().T) * x_scale.float()
+        return (y if bias is None else y + bias.float()).to(x_q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_q, w_q = ctx.saved_tensors
+        grad_x = (grad_y @ w_q.to(grad_y.dtype)).to(x_q.dtype)
+        grad_w = (grad_y.flatten(0, -2).T @ x_q.to(grad_y.dtype).flatten(0, -2)).to(w_q.dtype)
+        grad_bias = grad_y.flatten(0, -2).sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_bias, None, None, None, None
+
+
+def integer_linear(x_q, w_q, bias, x_codes, x_scale, w_codes, w_scale) -> torch.Tensor:
+    """F.linear(x_q, w_q, bias) computed as an integer kernel computes it, from the codes and scales of x_q (per
+    token) and w_q (per output channel); gradients flow to x_q, w_q and bias as through F.linear."""
+    return _IntegerLinearSTE.apply(x_q, w_q, bias, x_codes, x_scale, w_codes, w_scale)

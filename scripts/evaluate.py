@@ -75,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--kv-placement", choices=KV_PLACEMENTS, help="RTN: where keys are quantized (default: "
                         "pre_rope, the released code's; post_rope: after rotary embedding, as the KV cache holds them)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), help="RTN: the quantizer recipe (default: paper; "
-                        "deploy: the full grid that compressed-tensors / vLLM run, README 'Two recipes')")
+                        "deploy: the full grid compressed-tensors runs; vllm: vLLM's CPU kernels' arithmetic; README 'Recipes')")
     parser.add_argument("--rotate", choices=ROTATIONS, help="RTN: rotate the float model before quantizing (default: "
                         "none, the paper's; hadamard / random: README 'Rotations')")
     parser.add_argument("--rotate-seed", type=int, help="RTN: seed of --rotate (default 0)")

@@ -224,37 +224,52 @@ class PaperTable:
         command += ["--text-file", args.text_file] if args.text_file else []
         return Cell(f"{name}-{key}", "evaluation", settings, key, output, ((f"{name}-{key}", command),))
 
-    def baseline_cell(self, method: str, w_bits: int | None = None) -> Cell:
-        """scripts/baseline.py in the llm-compressor environment: OUT/models/NAME-KEY/."""
+    def baseline_cell(self, method: str, w_bits: int | None = None, w_group_size: int | None = None,
+                      a_bits: int = 16) -> Cell:
+        """scripts/baseline.py in the llm-compressor environment: OUT/models/NAME-KEY/ (GPTQ: with groups of
+        `w_group_size` columns, and its compressed export describing `a_bits` activations)."""
         args, data = self.args, self.data_cell("hybrid").output
         settings = dict(method=method, model=self.teacher_name, data=str(data.parent), samples=args.calibration_samples,
                         len=args.seq_len, seed=args.seed)
         settings.update({"w_bits": w_bits} if method == "gptq" else {"alpha": args.smoothing_strength})
+        settings.update({"w_group_size": w_group_size} if w_group_size else {})
+        settings.update({"a_bits": a_bits} if a_bits != 16 else {})
         key = settings_key(**settings)
-        name = f"{method}{f'-w{w_bits}' if w_bits else ''}-{key}"
+        options = f"{f'-w{w_bits}' if w_bits else ''}{f'g{w_group_size}' if w_group_size else ''}" \
+                  f"{f'a{a_bits}' if a_bits != 16 else ''}"
+        name = f"{method}{options}-{key}"
         folder = self.out / "models" / name
         command = [args.baseline_python, "scripts/baseline.py", method, "--model", args.model,
                    "--calibration", str(data), "--num-samples", str(args.calibration_samples),
                    "--max-length", str(args.seq_len), "--seed", str(args.seed), "--output", str(folder)]
         command += (["--w-bits", str(w_bits)] if method == "gptq"
                     else ["--smoothing-strength", str(args.smoothing_strength)])
+        command += ["--w-group-size", str(w_group_size)] if w_group_size else []
+        command += ["--a-bits", str(a_bits)] if a_bits != 16 else []
         return Cell(name, "baselines", settings, key, folder / "config.json", ((name, command),))
 
-    def qat_cell(self, bits: str, data: Path, loss: str, rotate: str) -> Cell:
-        """scripts/run_train.sh W A KV on the data folder `data`: OUT/models/NAME-KEY/."""
+    def qat_cell(self, bits: str, data: Path, loss: str, rotate: str, recipe: str = "paper",
+                 w_group_size: int | None = None) -> Cell:
+        """scripts/run_train.sh W A KV on the data folder `data` (with the quantizer `recipe`, and groups of
+        `w_group_size` weight columns): OUT/models/NAME-KEY/."""
         args = self.args
         settings = dict(bits=bits, model=self.teacher_name, data=str(data), len=args.seq_len, lr=args.learning_rate,
                         epochs=args.epochs, batch=args.batch_size, seed=args.seed, loss=loss, gpu=self.gpu)
         settings.update({"rotate": rotate} if rotate != "none" else {})
+        settings.update({"recipe": recipe} if recipe != "paper" else {})
+        settings.update({"w_group_size": w_group_size} if w_group_size else {})
         key = settings_key(**settings)
-        name = f"{qat_name(bits, loss, rotate)}-{key}"
+        options = "".join(f"-{part}" for part in (f"g{w_group_size}" if w_group_size else "",
+                                                   recipe if recipe != "paper" else "") if part)
+        name = f"{qat_name(bits, loss, rotate)}{options}-{key}"
         folder = self.out / "models" / name
         env = {"MODEL": "" if self.teacher_name == model_display_name(None) else args.model,
                "DATA": str(data / "all.jsonl"), "OUTPUT_DIR": str(folder), "PYTHON": args.python,
                "CPU_MAX_LENGTH": str(args.seq_len), "CPU_BATCH_SIZE": str(args.batch_size),
                "CPU_LEARNING_RATE": args.learning_rate, "CPU_EPOCHS": str(args.epochs),
                # run_train.sh's quantizer options, set here so that none leaks in from the user's environment
-               "W_GROUP_SIZE": "", "RECIPE": "paper", "ROTATE": rotate, "KV_PLACEMENT": kv_placement(bits, rotate)}
+               "W_GROUP_SIZE": str(w_group_size or ""), "RECIPE": recipe, "ROTATE": rotate,
+               "KV_PLACEMENT": kv_placement(bits, rotate)}
         command = ["bash", "scripts/run_train.sh", *bits.split("-"), "--save_strategy", "no", "--seed", str(args.seed),
                    "--loss", loss]
         return Cell(name, "QAT training", settings, key, folder / "config.json", ((name, command),), env)

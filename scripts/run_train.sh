@@ -3,10 +3,11 @@
 #   bash scripts/run_train.sh 4 8 4            # W4 A8 KV4 ; 16 = that part not quantized
 # Paths are variables below; override any of them from the environment, e.g.
 #   MODEL=/models/llama-7b DATA=gen_data/all.jsonl OUTPUT_DIR=output/llama7b-448 bash scripts/run_train.sh 4 8 4
-# Quantizer options beyond the paper's: RECIPE=deploy (the grid compressed-tensors / vLLM run, README "Two
-# recipes"), W_GROUP_SIZE=128 (group-wise weights), KV_PLACEMENT=post_rope (keys quantized after rotary
-# embedding), ROTATE=hadamard (orthogonal rotations before quantizing, for 4-bit activations; with KV below 16 bits
-# it needs KV_PLACEMENT=post_rope); or any train.py flag after the bits.
+# Quantizer options beyond the paper's: RECIPE=deploy (the grid compressed-tensors runs in transformers) or
+# RECIPE=vllm (what vLLM's CPU kernels compute; README "Recipes"), W_GROUP_SIZE=128 (group-wise weights),
+# KV_PLACEMENT=post_rope (keys quantized after rotary embedding), ROTATE=hadamard (orthogonal rotations before
+# quantizing, for 4-bit activations; with KV below 16 bits it needs KV_PLACEMENT=post_rope); or any train.py flag
+# after the bits.
 # On GPUs it prints the memory plan (scripts/plan_memory.py), then launches torchrun over every visible device with
 # the released LLaMA-7B recipe (bf16, gradient checkpointing, FSDP full_shard per decoder layer, with CPU offload
 # when the plan does not fit, sequence length 2048). On CPU it runs a small, quick
@@ -22,7 +23,7 @@ W_BITS=$1 A_BITS=$2 KV_BITS=$3
 shift 3
 W_GROUP_SIZE=${W_GROUP_SIZE:-}                     # empty = one weight scale per output channel (the paper's)
 KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}             # pre_rope (the paper's) or post_rope
-RECIPE=${RECIPE:-paper}                            # paper or deploy
+RECIPE=${RECIPE:-paper}                            # paper, deploy or vllm
 ROTATE=${ROTATE:-none}                             # none (the paper's), hadamard or random
 options=(--kv_placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && options+=(--w_group_size "$W_GROUP_SIZE")

@@ -16,6 +16,8 @@ import argparse
 import json
 import logging
 
+import torch
+
 from models.checkpoint import saved_config
 from utils.evaluation.metrics import token_sequences
 from utils.evaluation.serving import VLLM_PYTHON, serve_check, vllm_mismatch
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = load_tokenizer(args.teacher)
         sequences = token_sequences(tokenizer, args.data, args.max_length)[:args.max_sequences]
         logging.info("Serving %s with vLLM (%s) on %d sequences", export, args.dtype, len(sequences))
-        result = serve_check(export, load_model(export), load_model(args.teacher, quantized=False), sequences,
-                             args.dtype, args.vllm_python)
+        # The student in vLLM's dtype: in bfloat16 the float parts (attention, norms) round as vLLM's do.
+        student = load_model(export).to(getattr(torch, args.dtype))
+        result = serve_check(export, student, load_model(args.teacher, quantized=False), sequences, args.dtype,
+                             args.vllm_python)
         print(json.dumps(result, indent=2))
         if args.output:
             with open(args.output, "w") as handle:

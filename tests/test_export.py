@@ -115,7 +115,7 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
             assert kv | {"num_bits": 4, "strategy": "token", "dynamic": True} == kv
     assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
                                  "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper",
-                                 "rotate": "none", "rotate_seed": 0}
+                                 "arithmetic": "float", "rotate": "none", "rotate_seed": 0}
     assert "auto_map" not in config
 
 
@@ -158,6 +158,19 @@ def test_every_export_reloads_to_the_students_logits_exactly(tmp_path, recipe, p
     student = load_model(checkpoint)
     loaded = load_model(export(checkpoint, tmp_path / export_format, export_format))
     assert all(layer.weight_on_grid for layer in quantized_modules(loaded).values())
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, student(x).logits)
+
+
+@pytest.mark.parametrize("export_format", ["packed", "folded"])
+@pytest.mark.parametrize("bits", [(8, 8), (4, 16)])
+def test_vllm_recipe_exports_reload_to_the_students_logits_exactly(tmp_path, bits, export_format):
+    """The vLLM arithmetic (integer products from the stored scales; bfloat16 int4 scales and weights) survives an
+    export: equal to the bit, float32."""
+    checkpoint = save_student(tmp_path / "qat", bits[0], bits[1], 16, options=dict(recipe="vllm"))
+    student = load_model(checkpoint)
+    loaded = load_model(export(checkpoint, tmp_path / export_format, export_format))
     x = batch()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, student(x).logits)
@@ -318,7 +331,7 @@ def test_deploy_recipe_export_runs_as_trained_in_plain_transformers(tmp_path, w_
 
 
 def test_paper_recipe_export_runs_differently_in_plain_transformers(tmp_path):
-    """Why the deploy recipe exists (README "Two recipes"): compressed-tensors runs its own grid, not the paper's."""
+    """Why the deploy recipe exists (README "Recipes"): compressed-tensors runs its own grid, not the paper's."""
     checkpoint = save_student(tmp_path / "qat", 4)
     with torch.no_grad():
         expected = load_model(checkpoint)(batch()).logits

@@ -1,22 +1,15 @@
 """The paper table (scripts/paper_table.py, utils/report/): table layout, a 2-row grid end to end on a tiny model
-with caching, resumption and a failing cell; and the llm-compressor baselines when their environment exists."""
+with caching, resumption and a failing cell (the llm-compressor baselines themselves: tests/test_baselines.py)."""
 import csv
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from conftest import load_script, save_tiny_teacher
 from utils.report import cells
 from utils.report.methods import row_bits
 from utils.report.table import grid_rows, write_ablation
 from utils.safety import CommandError
-
-REPO = Path(__file__).resolve().parents[1]
-BASELINE_PYTHON = REPO / ".venv-baselines" / "bin" / "python"
 
 
 def record(**metrics):
@@ -175,79 +168,6 @@ def test_cell_keys_follow_the_code_the_cells_run(tmp_path, monkeypatch):
     assert cells.settings_key(bits="4-8-4", lr="3e-4") == key  # unchanged code: the cell is reused
     monkeypatch.setattr(cells, "code_fingerprint", lambda: "after a fix")
     assert cells.settings_key(bits="4-8-4", lr="3e-4") != key
-
-
-needs_baselines = pytest.mark.skipif(
-    not BASELINE_PYTHON.is_file() or subprocess.run([str(BASELINE_PYTHON), "-c", "import llmcompressor"],
-                                                    capture_output=True).returncode != 0,
-    reason="llm-compressor is not installed (make baselines)")
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calibration") / "data.jsonl"
-    generator = torch.Generator().manual_seed(0)
-    path.write_text("".join(json.dumps({"input_ids": torch.randint(0, 1000, (16,), generator=generator).tolist()})
-                            + "\n" for _ in range(8)))
-    return path
-
-
-def make_baseline(teacher, calibration, out, method, *extra):
-    command = [str(BASELINE_PYTHON), "scripts/baseline.py", method, "--model", str(teacher), "--calibration",
-               str(calibration), "--output", str(out), *extra]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-
-
-@needs_baselines
-def test_gptq_weights_lie_on_a_4_bit_grid_and_evaluate_with_the_rows_activation_quantizers(tiny_teacher, calibration,
-                                                                                           tmp_path):
-    make_baseline(tiny_teacher, calibration, tmp_path / "gptq", "gptq", "--w-bits", "4")
-    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
-    assert config["llm_qat_baseline"]["method"] == "gptq" and "quantization_config" not in config
-    gptq, teacher = (LlamaForCausalLM.from_pretrained(path) for path in (tmp_path / "gptq", tiny_teacher))
-    for name, module in gptq.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            levels = [row.unique().numel() for row in module.weight]
-            assert max(levels) <= 16, name  # 4 bits: at most 16 values per output channel
-            assert not torch.equal(module.weight, teacher.get_submodule(name).weight)
-    evaluate = load_script("evaluate")
-    result = evaluate.main([str(tmp_path / "gptq"), "4", "8", "4", "--tasks", "none", "--teacher", str(tiny_teacher),
-                            "--heldout", str(calibration), "--max-length", "16",
-                            "--output", str(tmp_path / "gptq.json")])
-    assert result["method"] == "gptq" and result["label"] == "4-8-4"
-    assert (result["quantization"]["w_bits"], result["quantization"]["a_bits"]) == (16, 8)  # weights are GPTQ's
-    with pytest.raises(CommandError, match="evaluate it at W = 4"):
-        evaluate.main([str(tmp_path / "gptq"), "8", "8", "8", "--tasks", "none", "--output", str(tmp_path / "x.json")])
-
-
-@needs_baselines
-def test_smoothquant_keeps_the_float_function_and_moves_scale_into_the_norms(tiny_teacher, calibration, tmp_path):
-    make_baseline(tiny_teacher, calibration, tmp_path / "sq", "smoothquant", "--smoothing-strength", "0.8")
-    smoothed, teacher = (LlamaForCausalLM.from_pretrained(path).double() for path in (tmp_path / "sq", tiny_teacher))
-    assert not torch.equal(smoothed.model.layers[0].input_layernorm.weight,
-                           teacher.model.layers[0].input_layernorm.weight)
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.allclose(smoothed(ids).logits, teacher(ids).logits, atol=1e-4, rtol=1e-4)
-    with pytest.raises(subprocess.CalledProcessError):  # an existing output is never overwritten
-        make_baseline(tiny_teacher, calibration, tmp_path / "sq", "smoothquant")
-
-
-def test_baseline_without_llm_compressor_names_the_fix(tiny_teacher, calibration, tmp_path, monkeypatch):
-    import builtins
-
-    from utils.evaluation import baselines
-    real_import = builtins.__import__
-
-    def no_llmcompressor(name, *args, **kwargs):
-        if name.startswith("llmcompressor"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llmcompressor)
-    with pytest.raises(ImportError, match="make baselines"):
-        baselines.run_baseline("gptq", str(tiny_teacher), calibration, tmp_path / "out", w_bits=4)
-    assert not (tmp_path / "out").exists()
 
 
 def test_ablations_train_on_each_data_source_and_loss_and_write_their_table(tiny_teacher, tmp_path, capsys):

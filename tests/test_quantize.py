@@ -435,7 +435,8 @@ def test_recipes_set_the_defaults_of_grid_and_ste_clip_and_each_option_overrides
     assert QATConfig(grid="full") == QATConfig(grid="full", ste_clip=2.0, recipe="paper")
     saved = QATConfig(4, 8, 4, recipe="deploy")
     assert QATConfig(**asdict(saved)) == saved  # what config.json records rebuilds the same config
-    for bad in (dict(recipe="vllm"), dict(grid="2^b")):
+    assert (QATConfig(recipe="vllm").grid, QATConfig(recipe="vllm").arithmetic) == ("paper", "vllm")
+    for bad in (dict(recipe="tensorrt"), dict(grid="2^b"), dict(arithmetic="int")):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* is not one of"):
             QATConfig(**bad)
 
@@ -452,6 +453,7 @@ def test_recipe_flags_of_train_py():
     assert parsed("--recipe", "deploy") == QATConfig(recipe="deploy")
     assert parsed("--recipe", "deploy", "--ste_clip", "2") == QATConfig(recipe="deploy", ste_clip=2.0)
     assert parsed("--ste_clip", "0", "--grid", "full") == QATConfig(grid="full", ste_clip=None)
+    assert parsed("--recipe", "vllm", "--grid", "full") == QATConfig(recipe="vllm", grid="full")
 
 
 def test_labels_name_the_recipe_and_the_options_that_differ_from_it():
@@ -471,3 +473,38 @@ def test_deploy_student_quantizes_on_the_full_grid(tiny_llama, tiny_input_ids):
     assert {layer.grid for layer in quantized_modules(model).values()} == {"full"}
     assert model.config.llm_qat["recipe"] == "deploy" and model.config.llm_qat["grid"] == "full"
     assert not torch.allclose(paper, deploy, atol=1e-3)
+
+
+def test_vllm_recipe_multiplies_integer_codes_and_scales_as_vllms_int8_kernel(tiny_llama, tiny_input_ids):
+    """vLLM's int8 W8A8 on CPU (docs/EXPORT.md, measured): y = fl(fl(fl(acc) * s_w) * s_x), acc the exact int32 sum of
+    the codes. The reference here sums in int64."""
+    model = quantize_model(tiny_llama, QATConfig(8, 8, 16, recipe="vllm"))
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x_scale = x.abs().amax(-1, keepdim=True) / 127
+    x_codes = torch.round(x * x_scale.reciprocal()).long()
+    w_scale = layer.weight.detach().abs().amax(-1, keepdim=True) / 127
+    w_codes = torch.round(layer.weight.detach() * w_scale.reciprocal()).long()
+    expected = ((x_codes @ w_codes.T).float() * w_scale.T) * x_scale
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+        paper = quantize_model(tiny_llama, QATConfig(8, 8, 16)).model.layers[0].mlp.down_proj(x)
+    assert not torch.equal(paper, expected)  # float products of dequantized values round elsewhere
+
+
+def test_vllm_recipe_holds_int4_scales_and_weights_in_bfloat16(tiny_llama):
+    """vLLM's CPU int4 kernel rounds the stored scales to bfloat16 and dequantizes into bfloat16."""
+    weight = tiny_llama.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = quantize_model(tiny_llama, QATConfig(4, 16, 16, recipe="vllm"))
+    scale = (weight.abs().amax(-1, keepdim=True) / 7).bfloat16().float()
+    codes = torch.round(weight / scale).clamp(-7, 7)
+    expected = (codes * scale).bfloat16().float()
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.quantized_weight(), expected)
+
+
+def test_vllm_recipe_refuses_what_its_integer_product_cannot_compute():
+    with pytest.raises(ValueError, match="one scale per output channel"):
+        QATConfig(8, 8, 16, recipe="vllm", w_group_size=32)
+    with pytest.raises(ValueError, match="symmetric int activations"):
+        QATConfig(8, 8, 16, recipe="vllm", act_symmetric=False)
+    assert QATConfig(4, 16, 16, recipe="vllm", w_group_size=32).weight_scale_dtype == torch.bfloat16

@@ -6,7 +6,7 @@ import torch
 
 import models.quantize
 from models import quantize_model
-from models.quantizers import check_bits, fake_quantize, symmetric_codes
+from models.quantizers import check_bits, fake_quantize, integer_linear, integer_matmul, symmetric_codes
 
 QUANTIZED_BITS = range(2, 9)
 
@@ -209,7 +209,7 @@ def test_group_wise_weights_equal_the_per_channel_reference_on_each_group(bits, 
     assert not torch.equal(fake_quantize(weight, bits, group_size=group_size), fake_quantize(weight, bits))
 
 
-# The full grid (grid="full", recipe "deploy": README "Two recipes") against compressed-tensors' own code, the
+# The full grid (grid="full", recipe "deploy": README "Recipes") against compressed-tensors' own code, the
 # independent reference: its scales and zero points (`calculate_qparams`, `compute_dynamic_scales_and_zp`) and `fake_quantize`.
 def compressed_tensors_reference(x, bits, strategy, symmetric=True, group_size=None):
     from compressed_tensors.quantization import QuantizationArgs
@@ -284,3 +284,29 @@ def test_full_grid_keeps_the_paper_ste_clip_when_asked():
     (fake_quantize(x, 4, grid="full") * upstream).sum().backward()
     inside = (x.detach().abs() < 2.0) & (x.detach() != 7.0)  # 7.0 is the row's max: 7.5 steps, clipped to 7
     assert torch.equal(x.grad, torch.where(inside, upstream, torch.zeros_like(upstream)))
+
+
+def test_integer_matmul_sums_codes_exactly_where_a_float32_gemm_does_not():
+    """The int32 accumulator of an int8 kernel, in float: exact past 2^24, where float32 sums round."""
+    generator = torch.Generator().manual_seed(0)
+    x_codes = torch.randint(100, 128, (4, 3000), generator=generator)
+    w_codes = torch.randint(100, 128, (6, 3000), generator=generator) * torch.tensor([1, -1, 1, -1, 1, 1])[:, None]
+    w_codes[0, :7] = -128  # the full grid's lowest code
+    expected = x_codes @ w_codes.T  # int64
+    assert torch.equal(integer_matmul(x_codes.float(), w_codes.float()), expected.double())
+    assert not torch.equal((x_codes.float() @ w_codes.float().T).double(), expected.double())
+
+
+def test_integer_linear_gradient_is_that_of_the_float_product():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
+    weight, bias = torch.randn(5, 16, generator=generator, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x_codes, x_scale = symmetric_codes(x, 8)
+    w_codes, w_scale = symmetric_codes(weight, 8)
+    upstream = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    leaves = [tensor.clone().requires_grad_() for tensor in (x_codes * x_scale, w_codes * w_scale, bias)]
+    (integer_linear(*leaves, x_codes, x_scale, w_codes, w_scale) * upstream).sum().backward()
+    expected = [tensor.clone().requires_grad_() for tensor in (x_codes * x_scale, w_codes * w_scale, bias)]
+    (torch.nn.functional.linear(*expected) * upstream).sum().backward()
+    for got, want in zip(leaves, expected):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-12, atol=0)

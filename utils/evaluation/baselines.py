@@ -6,9 +6,13 @@ llm-compressor 0.14 pins transformers <= 5.17, so it lives in its own environmen
 .venv-baselines (`pip install -e '.[baselines]'`); the main environment does not need it.
 
 A baseline is saved as a float model directory whose config.json records what was done (`BASELINE_KEY`):
-- gptq: every decoder linear layer's weights on llm-compressor's W-bit symmetric per-output-channel grid (the
-  paper's granularity), stored dequantized. Evaluated at W-A-KV, only the A and KV quantizers are added: rounding
-  the weights again would be a second, different quantizer.
+- gptq: every decoder linear layer's weights on llm-compressor's W-bit symmetric grid, one scale per output channel
+  (the paper's granularity) or per group of `w_group_size` input columns, stored dequantized. Evaluated at W-A-KV
+  (with that group size), only the A and KV quantizers are added: rounding the weights again would be a second,
+  different quantizer. Beside it, `compressed/` holds the same weights as llm-compressor saves them (integer codes
+  and scales in the compressed-tensors format), which vLLM serves as a quantized model: W4A16, or with `a_bits` 8
+  also dynamic per-token int8 activations (W8A8). GPTQ calibrates the weights only, with every quantizer off
+  (llm-compressor's sequential pipeline), so `a_bits` changes the export's scheme, not the weights.
 - smoothquant: activation outliers moved into the weights (scale alpha, SmoothQuant's eq. 4) through the RMSNorm
   scales; still float. Evaluated at W-A-KV, all three quantizers are applied exactly as for RTN.
 So at one W-A-KV the methods differ only in their weights, as in the paper's Table 1.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +30,7 @@ import torch
 
 from models.checkpoint import saved_config
 from models.quantize import QATConfig
+from models.quantizers import FULL_PRECISION, check_bits
 from utils.data.dataset import read_token_sequences
 from utils.data.records import TeacherIdentity, model_display_name
 from utils.safety import staged_directory
@@ -35,6 +41,8 @@ logger = logging.getLogger(__name__)
 BASELINE_KEY = "llm_qat_baseline"
 BASELINES = ("gptq", "smoothquant")
 INSTALL_HINT = "make baselines (llm-compressor in its own environment, .venv-baselines)"
+COMPRESSED = "compressed"  # the compressed-tensors export inside a GPTQ baseline's directory
+FLOAT_LAYERS = ["lm_head"]  # GPTQ leaves the head in full precision, as the paper does
 
 
 def saved_baseline(directory: str | Path) -> dict | None:
@@ -48,11 +56,20 @@ def applied_quantization(baseline: dict, bits: QATConfig) -> QATConfig:
         raise ValueError(f"{baseline['method']} weights were computed without a rotation; omit --rotate")
     if baseline["method"] != "gptq":
         return bits
-    if bits.w_bits != baseline["w_bits"] or bits.w_group_size is not None:
-        raise ValueError(f"this GPTQ model has {baseline['w_bits']}-bit per-channel weights, not {bits.w_bits}; "
-                         f"evaluate it at W = {baseline['w_bits']}, or run scripts/baseline.py gptq --w-bits "
-                         f"{bits.w_bits}")
-    return replace(bits, w_bits=16)  # the weights are already GPTQ's
+    made, asked = (baseline["w_bits"], baseline.get("w_group_size")), (bits.w_bits, bits.w_group_size)
+    if made != asked:
+        raise ValueError(f"this GPTQ model has {_weights(*made)}, not {_weights(*asked)}; evaluate it at W = "
+                         f"{_weights_flags(*made)}, or run scripts/baseline.py gptq --w-bits "
+                         f"{_weights_flags(*asked)}")
+    return replace(bits, w_bits=FULL_PRECISION, w_group_size=None)  # the weights are already GPTQ's
+
+
+def _weights(w_bits: int, w_group_size: int | None) -> str:
+    return f"{w_bits}-bit weights " + (f"in groups of {w_group_size}" if w_group_size else "per channel")
+
+
+def _weights_flags(w_bits: int, w_group_size: int | None) -> str:
+    return f"{w_bits}" + (f" --w-group-size {w_group_size}" if w_group_size else "")
 
 
 def calibration_dataset(path: str | Path, tokenizer, teacher: TeacherIdentity, num_samples: int, max_length: int,
@@ -67,33 +84,58 @@ def calibration_dataset(path: str | Path, tokenizer, teacher: TeacherIdentity, n
     return Dataset.from_dict({"input_ids": chosen, "attention_mask": [[1] * len(ids) for ids in chosen]})
 
 
-def recipe(method: str, w_bits: int | None, smoothing_strength: float):
+def recipe(method: str, w_bits: int | None, smoothing_strength: float, w_group_size: int | None = None,
+           a_bits: int = FULL_PRECISION):
+    """The llm-compressor modifier of one baseline. GPTQ's scheme: symmetric int weights per channel or per group;
+    with `a_bits` below 16 also dynamic per-token symmetric int activations, which only the export records."""
     if method == "gptq":
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True, strategy="channel")
-        return GPTQModifier(config_groups={"weights": QuantizationScheme(targets=["Linear"], weights=weights)},
-                            ignore=["lm_head"])  # the paper keeps the head in full precision
+        weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True,
+                                   strategy="group" if w_group_size else "channel", group_size=w_group_size)
+        activations = None if a_bits == FULL_PRECISION else QuantizationArgs(
+            num_bits=a_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+        scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
+        return GPTQModifier(config_groups={"weights": scheme}, ignore=FLOAT_LAYERS)
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
     return SmoothQuantModifier(smoothing_strength=smoothing_strength)
 
 
-def check_baseline_args(method: str, w_bits: int | None, smoothing_strength: float) -> None:
+def check_baseline_args(method: str, w_bits: int | None, smoothing_strength: float, w_group_size: int | None = None,
+                        a_bits: int = FULL_PRECISION) -> None:
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; use one of {', '.join(BASELINES)}")
     if method == "gptq" and not (w_bits is not None and 2 <= w_bits <= 8):
         raise ValueError(f"GPTQ needs --w-bits between 2 and 8, not {w_bits}")
+    if method != "gptq" and (w_group_size is not None or a_bits != FULL_PRECISION):
+        raise ValueError(f"--w-group-size and --a-bits are GPTQ's; {method} takes neither")
+    if w_group_size is not None and not w_group_size > 0:
+        raise ValueError(f"--w-group-size {w_group_size} must be positive (omit it for one scale per channel)")
+    check_bits(a_bits, "--a-bits")
     if not 0 <= smoothing_strength <= 1:
         raise ValueError(f"--smoothing-strength {smoothing_strength} must lie in [0, 1] (SmoothQuant's alpha)")
 
 
+def check_group_size(model, w_group_size: int | None) -> None:
+    """Refuse a group size that does not divide the input width of every layer GPTQ quantizes."""
+    if w_group_size is None:
+        return
+    widths = {module.in_features for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name not in FLOAT_LAYERS}
+    if any(width % w_group_size for width in widths):
+        raise ValueError(f"--w-group-size {w_group_size} does not divide the input width of every layer "
+                         f"({', '.join(map(str, sorted(widths)))}); use a divisor of {math.gcd(*widths)}")
+
+
 def run_baseline(method: str, model: str | None, calibration: str | Path, output_dir: str | Path,
                  w_bits: int | None = None, num_samples: int = 128, max_length: int = 2048,
-                 smoothing_strength: float = 0.5, seed: int = 0) -> Path:
-    """Run one baseline on a float model and save the result to `output_dir` (written whole or not at all)."""
-    check_baseline_args(method, w_bits, smoothing_strength)
+                 smoothing_strength: float = 0.5, seed: int = 0, w_group_size: int | None = None,
+                 a_bits: int = FULL_PRECISION) -> Path:
+    """Run one baseline on a float model and save the result to `output_dir` (written whole or not at all); for
+    GPTQ also its compressed-tensors export, in `output_dir`/compressed."""
+    check_baseline_args(method, w_bits, smoothing_strength, w_group_size, a_bits)
     try:
         from llmcompressor import oneshot
     except ImportError:
@@ -107,12 +149,14 @@ def run_baseline(method: str, model: str | None, calibration: str | Path, output
         raise ValueError(f"{model} is a QAT checkpoint; a baseline starts from a full-precision model")
     tokenizer = load_tokenizer(path)
     float_model = load_model(path, quantized=False)
+    check_group_size(float_model, w_group_size)
     teacher = TeacherIdentity.of(model_display_name(model), tokenizer, float_model.config.vocab_size)
     dataset = calibration_dataset(calibration, tokenizer, teacher, num_samples, max_length, seed)
     logger.info("%s on %s: %d calibration sequences of up to %d tokens from %s", method.upper(),
                 model_display_name(model), len(dataset), max_length, calibration)
     torch.manual_seed(seed)
-    oneshot(model=float_model, tokenizer=tokenizer, dataset=dataset, recipe=recipe(method, w_bits, smoothing_strength),
+    oneshot(model=float_model, tokenizer=tokenizer, dataset=dataset,
+            recipe=recipe(method, w_bits, smoothing_strength, w_group_size, a_bits),
             num_calibration_samples=len(dataset), max_seq_length=max_length, shuffle_calibration_samples=False)
 
     # A plain float model with the new weights: llm-compressor leaves its scales and quantization config on the
@@ -125,11 +169,15 @@ def run_baseline(method: str, model: str | None, calibration: str | Path, output
     settings = {"method": method, "model": model_display_name(model), "calibration": str(calibration),
                 "num_samples": len(dataset), "max_length": max_length, "seed": seed, "library": "llmcompressor "
                 + _version("llmcompressor")}
-    settings.update({"w_bits": w_bits} if method == "gptq" else {"smoothing_strength": smoothing_strength})
+    settings.update({"w_bits": w_bits, "w_group_size": w_group_size, "a_bits": a_bits, "compressed": COMPRESSED}
+                    if method == "gptq" else {"smoothing_strength": smoothing_strength})
     setattr(result.config, BASELINE_KEY, settings)
     with staged_directory(output_dir) as staging:
         result.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if method == "gptq":  # compresses float_model in place: its float weights were copied above
+            float_model.save_pretrained(staging / COMPRESSED, save_compressed=True)
+            tokenizer.save_pretrained(staging / COMPRESSED)
     logger.info("Saved the %s model to %s (%s)", method.upper(), output_dir, json.dumps(settings))
     return output_dir
 

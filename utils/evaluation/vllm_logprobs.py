@@ -3,8 +3,11 @@
     .venv-vllm/bin/python -m utils.evaluation.vllm_logprobs MODEL SEQUENCES.json OUT.json --dtype float32
 
 SEQUENCES.json is a list of token id lists; OUT.json gets, per sequence, log p(x_t | x_<t) of every token after the
-first ("log_probs") and the token vLLM ranks first at each of those positions ("top1"). It imports only vLLM and the
-standard library: vLLM pins its own transformers, so nothing of the main environment's stack runs here.
+first ("log_probs") and the token vLLM ranks first at each of those positions ("top1"). With `--linears LINEARS.pt` it
+also saves, for every linear layer of vLLM's model, its input and output on the first tokens it computes (torch.save
+of {vLLM layer name: (input, output)}), so the main environment can run the student's layers on vLLM's own inputs. It
+imports only vLLM and the standard library: vLLM pins its own transformers, so nothing of the main environment's stack
+runs here.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ def main() -> None:
     parser.add_argument("sequences", help="JSON list of token id lists")
     parser.add_argument("output", help="JSON file to write")
     parser.add_argument("--dtype", default="float32", help="vLLM's dtype (its CPU int4 kernel runs in bfloat16 only)")
+    parser.add_argument("--linears", help="also save each linear layer's first input and output rows to this file")
+    parser.add_argument("--linear-rows", type=int, default=64, help="token rows per layer that --linears keeps")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: no engine core to spawn and kill
 
@@ -30,6 +35,9 @@ def main() -> None:
     # On CPU gpu_memory_utilization is the share of RAM vLLM reserves for its KV cache; eager: no graph capture.
     engine = LLM(model=args.model, dtype=args.dtype, gpu_memory_utilization=0.1, enforce_eager=True, seed=0,
                  max_model_len=max(map(len, sequences)) + 1)
+    captured = {}
+    if args.linears:
+        engine.apply_model(lambda model: capture_linears(model, captured, args.linear_rows))  # in-process: shared dict
     outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in sequences],
                               SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
     result = {"log_probs": [], "top1": []}
@@ -40,6 +48,24 @@ def main() -> None:
                                for entries in positions])
     with open(args.output, "w") as handle:
         json.dump(result, handle)
+    if args.linears:
+        import torch
+
+        torch.save(captured, args.linears)
+
+
+def capture_linears(model, captured: dict, rows: int) -> None:
+    """Keep the first `rows` input and output rows of every linear layer's first call (the prompts' prefill, vLLM's
+    engine warm-up having run before)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    def keep(name, module, inputs, output):
+        output = output[0] if isinstance(output, tuple) else output
+        captured.setdefault(name, (inputs[0][:rows].detach().clone(), output[:rows].detach().clone()))
+
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            module.register_forward_hook(lambda module, inputs, output, name=name: keep(name, module, inputs, output))
 
 
 if __name__ == "__main__":
