@@ -25,10 +25,7 @@ import torch.nn.functional as F
 
 from models.quantize import CONFIG_KEY, QATConfig
 from models.quantizers import FULL_PRECISION
-
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-INSTALL_HINT = "make vllm (vLLM's CPU build in its own environment, .venv-vllm)"
+from utils.data.vllm_engine import REPO, VLLM_PYTHON, require_vllm_python
 
 
 def vllm_mismatch(config: dict) -> str | None:
@@ -62,8 +59,7 @@ def vllm_mismatch(config: dict) -> str | None:
 def served_log_probs(model_dir: str | Path, sequences: list[list[int]], dtype: str = "float32",
                      python: str | Path = VLLM_PYTHON) -> dict[str, list[list[float]]]:
     """vLLM's log p of every token after the first, and its first-ranked token there, per sequence."""
-    if not Path(python).is_file():
-        raise FileNotFoundError(f"{python} does not exist: run {INSTALL_HINT}")
+    require_vllm_python(python)
     with tempfile.TemporaryDirectory() as scratch:
         inputs, outputs = Path(scratch) / "sequences.json", Path(scratch) / "served.json"
         inputs.write_text(json.dumps(sequences))
