@@ -4,6 +4,7 @@
     python generate_data.py 7                        # the paper's form: shard 7 of 64, "paper" preset on a GPU
     python generate_data.py --shard 0 --num-shards 8 --preset paper
     torchrun --nproc-per-node 8 generate_data.py     # one shard per GPU, from RANK / WORLD_SIZE
+    python generate_data.py --engine vllm            # the same shard written by vLLM (make vllm)
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import torch
 from transformers import AutoConfig
 
 from utils.data.records import DEFAULT_MODEL_NAME, TeacherIdentity, teacher_name
-from utils.data.sampler import SamplingConfig, default_batch_size, resolve_device
+from utils.data.sampler import HFGenerator, SamplingConfig, default_batch_size, resolve_device, stop_token_ids
 from utils.data.start_tokens import choose_start_tokens, eligible_start_tokens, resolve_shard, shard_start_tokens
 from utils.data.synthesis import shard_path, synthesize_shard
+from utils.data.vllm_engine import (VLLM_BATCH_SIZE, VLLM_MEMORY_FRACTION, VLLM_PYTHON, VLLMGenerator, engine_gpus,
+                                     require_vllm_python)
 from utils.safety import check_positions, ensure_writable_dir, user_errors
-from utils.training.loading import load_model, load_tokenizer, resolve_model_path
+from utils.training.loading import load_generation_config, load_model, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("generate_data")
 
@@ -54,9 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=50, help="0 samples from the whole vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="picks the random start tokens and all samples")
-    parser.add_argument("--batch-size", type=int, help="sequences per forward (default: 32 on CPU, "
-                                                       "what fits the GPU's free memory on CUDA)")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"sequences per forward (default: 32 on CPU, what fits the GPU's free memory on CUDA; "
+                             f"vLLM: {VLLM_BATCH_SIZE} per request)")
     parser.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="the teacher's dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads of either engine (default: torch's, one per core)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="hf: the batched sampler of this repository; vllm: vLLM in its own environment")
+    engine.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="python of vLLM's environment (make vllm)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="vLLM: GPUs per engine, for a teacher one GPU does not hold (GPU process i takes GPUs "
+                             "i*N .. i*N+N-1)")
+    engine.add_argument("--vllm-memory-fraction", type=float,
+                        help="vLLM: share of the GPU's memory (default 0.9), on CPU of the RAM (default 0.2), for "
+                             "the weights and the KV cache")
     return parser
 
 
@@ -85,22 +102,58 @@ def generate(args):
     shard, num_shards = resolve_shard(args.shard, args.num_shards, args.positional_shard)
     config = SamplingConfig(tuple(args.greedy_lengths), args.max_length, args.temperature, args.top_k, args.seed)
     config.check()
+    check_engine_flags(args)
+    ensure_writable_dir(args.output_dir)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.threads and args.engine == "hf":
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model)
+    model_path = resolve_model_path(args.model)
+    model_config = AutoConfig.from_pretrained(model_path)
+    check_positions(config.max_length, "--max-length", model_config)
+    eligible = eligible_start_tokens(tokenizer, model_config.vocab_size, args.include_special_tokens)
+    start_tokens = choose_start_tokens(eligible, args.start_token_range, args.num_start_tokens, args.seed)
+    path = shard_path(args.output_dir, shard, num_shards)
+    teacher = TeacherIdentity.of(teacher_name(args.model), tokenizer, model_config.vocab_size)
+    logger.info("Preset %s on %s (%s, engine %s): %d start tokens of %d, %s", preset, device, dtype, args.engine,
+                len(start_tokens), len(eligible), config.describe())
+
+    def write(generator, batch_size):
+        synthesize_shard(generator, tokenizer, shard_start_tokens(start_tokens, shard, num_shards), path, batch_size,
+                         shard, num_shards, teacher)
+
+    if args.engine == "vllm":
+        batch_size = args.batch_size or VLLM_BATCH_SIZE
+        gpus = None
+        if device.type == "cuda":  # this process's GPUs, from its LOCAL_RANK (or --device cuda:i)
+            gpus = engine_gpus(device.index or 0, args.tensor_parallel_size, torch.cuda.device_count())
+        # The engine's log goes beside the shard; the engine starts under the shard's lock, on the first batch.
+        with VLLMGenerator(model_path, config, stop_token_ids(load_generation_config(args.model), tokenizer),
+                           path.with_name(path.name + ".vllm.log"), dtype=dtype, max_num_seqs=batch_size,
+                           memory_fraction=args.vllm_memory_fraction or VLLM_MEMORY_FRACTION[device.type],
+                           tensor_parallel_size=args.tensor_parallel_size, eager=device.type == "cpu",
+                           threads=args.threads, gpus=gpus, python=args.vllm_python) as generator:
+            write(generator, batch_size)
+    else:
+        model = load_model(args.model, dtype=getattr(torch, dtype), device=device, quantized=False)
+        generator = HFGenerator(model, config, stop_token_ids(model.generation_config, tokenizer))
+        write(generator, args.batch_size or default_batch_size(model, device, config.max_length))
+
+
+def check_engine_flags(args):
+    """One-line errors before anything loads."""
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
-    ensure_writable_dir(args.output_dir)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = load_tokenizer(args.model)
-    check_positions(config.max_length, "--max-length", AutoConfig.from_pretrained(resolve_model_path(args.model)))
-    model = load_model(args.model, dtype=dtype, device=device, quantized=False)
-    vocab_size = model.config.vocab_size
-    eligible = eligible_start_tokens(tokenizer, vocab_size, args.include_special_tokens)
-    start_tokens = choose_start_tokens(eligible, args.start_token_range, args.num_start_tokens, args.seed)
-    batch_size = args.batch_size or default_batch_size(model, device, config.max_length)
-    logger.info("Preset %s on %s (%s): %d start tokens of %d, %s", preset, device, dtype, len(start_tokens),
-                len(eligible), config.describe())
-    synthesize_shard(model, tokenizer, shard_start_tokens(start_tokens, shard, num_shards),
-                     shard_path(args.output_dir, shard, num_shards), config, batch_size, shard, num_shards,
-                     TeacherIdentity.of(teacher_name(args.model), tokenizer, vocab_size))
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be at least 1")
+    if args.engine == "vllm":
+        require_vllm_python(args.vllm_python)
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} must be at least 1")
+        if args.vllm_memory_fraction is not None and not 0 < args.vllm_memory_fraction <= 1:
+            raise ValueError(f"--vllm-memory-fraction {args.vllm_memory_fraction} must be in (0, 1]")
+    elif args.tensor_parallel_size != 1 or args.vllm_memory_fraction is not None:
+        raise ValueError("--tensor-parallel-size and --vllm-memory-fraction are vLLM's: add --engine vllm")
 
 
 if __name__ == "__main__":

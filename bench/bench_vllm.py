@@ -38,7 +38,8 @@ from models.checkpoint import saved_config
 from models.export import export_packed
 from models.quantize import CONFIG_KEY, RECIPES
 from utils.data.records import model_display_name
-from utils.evaluation.serving import INSTALL_HINT, VLLM_PYTHON, vllm_mismatch
+from utils.data.vllm_engine import VLLM_PYTHON, require_vllm_python
+from utils.evaluation.serving import vllm_mismatch
 from utils.safety import atomic_file, check_output_file, ensure_writable_dir, staged_directory, user_errors
 from utils.training.loading import load_model_and_tokenizer, resolve_model_path
 
@@ -177,8 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         if min(args.batch, args.prompt_len, args.repeats, args.threads or 1) < 1 or args.generate < 2:
             raise ValueError("--batch, --prompt-len, --repeats and --threads must be at least 1, --generate at least 2 "
                              "(decode is what follows the first generated token)")
-        if not Path(args.vllm_python).is_file():
-            raise FileNotFoundError(f"{args.vllm_python} does not exist: run {INSTALL_HINT}")
+        require_vllm_python(args.vllm_python)
         if args.output:
             check_output_file(args.output)
         source = resolve_model_path(args.model)

@@ -26,9 +26,10 @@ import torch
 from models.checkpoint import save_quantized
 from models.export import export_packed
 from models.quantize import CONFIG_KEY, QATConfig, quantize_model
+from utils.data.vllm_engine import VLLM_PYTHON, require_vllm_python
 from utils.evaluation.baselines import applied_quantization, saved_baseline
 from utils.evaluation.metrics import teacher_fidelity, token_sequences
-from utils.evaluation.serving import VLLM_PYTHON, serve_check, vllm_mismatch
+from utils.evaluation.serving import serve_check, vllm_mismatch
 from utils.report.cells import Cell, read_result, settings_key
 from utils.safety import atomic_file, user_errors
 from utils.training.loading import load_model, load_tokenizer, resolve_model_path
@@ -193,8 +194,7 @@ def main(argv=None) -> Path:
     with user_errors("served_table.py"):
         for row in own.rows:
             row_config(row)
-        if not Path(own.vllm_python).is_file():
-            raise FileNotFoundError(f"{own.vllm_python} does not exist: run make vllm")
+        require_vllm_python(own.vllm_python)
         check_args(args)
         table = PaperTable(args, Tasks([], None, "held-out metrics only"))
         path = ServedTable(table, own.vllm_python).build(own.rows)

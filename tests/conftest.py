@@ -9,6 +9,8 @@
   Mistral, ...) and dtype; the same seed gives the same weights, so two calls give two identical models.
 - `save_tiny_teacher(path)`: a tiny random Llama saved with the embedded default's tokenizer (generation, training and
   evaluation need real text), for tests that run the command lines on a model directory.
+- `vllm_sized_llama(initializer_range=0.05)`: a tiny random Llama vLLM's CPU attention takes (head size 64), with the
+  embedded default's tokenizer, and that tokenizer.
 - `load_script(name)`: a command line of `scripts/` (e.g. "evaluate") as a module, to call its `main(argv)`.
 """
 import importlib.util
@@ -44,6 +46,19 @@ def save_tiny_teacher(path: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def vllm_sized_llama(initializer_range: float = 0.05):
+    """A larger `initializer_range` gives larger logits: a peakier next-token distribution."""
+    from transformers import LlamaForCausalLM
+
+    from utils.training.loading import load_tokenizer
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, initializer_range=initializer_range,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval(), tokenizer
 
 
 def _make_tiny_model(config, dtype=torch.float32, seed=0):

@@ -10,9 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from conftest import load_script, save_tiny_teacher
+from conftest import load_script, save_tiny_teacher, vllm_sized_llama
 from models.quantize import QATConfig, quantize_model
-from test_serving import vllm_sized_llama
 from utils.evaluation.baselines import applied_quantization, check_baseline_args, check_group_size
 from utils.evaluation.serving import VLLM_PYTHON, own_log_probs, served_log_probs
 from utils.safety import CommandError
@@ -105,7 +104,7 @@ EXPORTS = {"w4g32": (("--w-bits", "4", "--w-group-size", "32"), "pack-quantized"
 def gptq_export(request, tmp_path_factory, calibration):
     """(the GPTQ baseline directory, its scripts/baseline.py flags, export format, activation bits, vLLM dtype)."""
     directory = tmp_path_factory.mktemp(request.param)
-    model, tokenizer = vllm_sized_llama(directory)
+    model, tokenizer = vllm_sized_llama()
     model.save_pretrained(directory / "float")
     tokenizer.save_pretrained(directory / "float")
     flags = EXPORTS[request.param][0]

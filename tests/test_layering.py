@@ -14,6 +14,9 @@ imports from there. So merging text files needs no torch, transformers or accele
 three, is imported only from training up (evaluation loads models for its baselines; the report stage's paper table
 runs its models through command lines).
 
+The modules vLLM's own environment runs (`make vllm`: it pins another transformers) import only vLLM and the standard
+library.
+
 The light modules (the records and the merge of the data stage, the report stage, and what they import) never import
 torch, transformers or accelerate at module level: `merge_gen_data.py --help` starts at once, and tables are made
 without the model stack.
@@ -38,6 +41,7 @@ SHARED = "safety"  # utils/safety.py: below every stage
 LIGHT = ("utils.safety", "utils.data.records", "utils.data.merge",
          *(f"utils.report.{path.stem}" for path in sorted((REPO / "utils" / "report").glob("*.py"))))
 MODEL_STACK = ("torch", "transformers", "accelerate")
+VLLM_SIDE = ("utils/data/vllm_generate.py", "utils/evaluation/vllm_logprobs.py")  # run by vLLM's python
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -82,6 +86,13 @@ def test_each_stage_imports_only_the_stages_before_it():
         for path in sorted((REPO / "utils" / stage).glob("*.py")):
             for imported in utils_imports(path):
                 assert imported in allowed, f"utils/{stage}/{path.name} imports utils.{imported}, a later stage"
+
+
+def test_modules_run_by_vllms_python_import_only_vllm_and_the_standard_library():
+    allowed = {"vllm", "__future__"} | set(sys.stdlib_module_names)
+    for name in VLLM_SIDE:
+        for level, module in imports_of(REPO / name):
+            assert level == 0 and module.partition(".")[0] in allowed, f"{name} imports {module}"
 
 
 def test_light_modules_import_no_model_stack():

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO, load_script
+from conftest import REPO, load_script, vllm_sized_llama
 from models.checkpoint import save_quantized
 from models.export import export_packed
 from models.quantize import CONFIG_KEY, QATConfig, quantize_model
 from utils.evaluation.serving import VLLM_PYTHON, serve_check, vllm_mismatch
-from utils.training.loading import load_model, load_tokenizer
+from utils.training.loading import load_model
 
 needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="vLLM is not installed (make vllm)")
 
@@ -38,19 +37,8 @@ def test_schemes_vllm_would_run_differently_are_named(settings, refusal):
     assert mismatch is None if refusal is None else refusal in mismatch
 
 
-def vllm_sized_llama(directory):
-    """A tiny Llama vLLM's CPU attention takes (head size 64) with the embedded default's tokenizer."""
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.05,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
-    return model, tokenizer
-
-
 def test_an_export_vllm_would_serve_as_another_scheme_is_refused_before_loading(tmp_path):
-    model, tokenizer = vllm_sized_llama(tmp_path)
+    model, tokenizer = vllm_sized_llama()
     save_quantized(quantize_model(model, QATConfig(4, 8, 16)), tmp_path / "qat", tokenizer)
     export_packed(tmp_path / "qat", tmp_path / "w4a8")
     (tmp_path / "heldout.jsonl").write_text(json.dumps({"input_ids": list(range(10, 30))}) + "\n")
@@ -63,7 +51,7 @@ def test_an_export_vllm_would_serve_as_another_scheme_is_refused_before_loading(
 def served_export(directory, settings, sequences, dtype):
     """serve_check of the vLLM-sized Llama quantized with `settings`, exported packed, against that student in vLLM's
     dtype (and the float model as the teacher)."""
-    model, tokenizer = vllm_sized_llama(directory)
+    model, tokenizer = vllm_sized_llama()
     model.save_pretrained(directory / "float")
     save_quantized(quantize_model(model, settings), directory / "qat", tokenizer)
     export = export_packed(directory / "qat", directory / "export")
@@ -78,7 +66,7 @@ SEQUENCES = torch.randint(10, 40000, (4, 48), generator=torch.Generator().manual
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_vllm_serves_the_float_model_as_transformers_runs_it(tmp_path, dtype):
-    model, tokenizer = vllm_sized_llama(tmp_path)
+    model, tokenizer = vllm_sized_llama()
     model.save_pretrained(tmp_path / "float")
     tokenizer.save_pretrained(tmp_path / "float")
     teacher = load_model(tmp_path / "float")

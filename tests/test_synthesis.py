@@ -1,5 +1,6 @@
 """Data synthesis: hybrid greedy-then-sampled generation, start-token plans and shards, resumable shard files."""
 import json
+import sys
 from argparse import Namespace
 
 import pytest
@@ -7,10 +8,11 @@ import torch
 
 from generate_data import apply_preset
 from utils.data.records import TeacherIdentity
-from utils.data.sampler import SamplingConfig, generate_batch, sample_top_k
+from utils.data.sampler import HFGenerator, SamplingConfig, generate_batch, sample_top_k, stop_token_ids
 from utils.data.start_tokens import (choose_start_tokens, eligible_start_tokens, resolve_shard, shard_start_tokens,
                                      special_token_ids)
 from utils.data.synthesis import read_finished, shard_path, synthesize_shard
+from utils.data.vllm_engine import VLLM_BATCH_SIZE, VLLM_MEMORY_FRACTION, VLLMGenerator, engine_gpus
 from utils.training.loading import load_tokenizer
 
 TEACHER = TeacherIdentity("tiny", 128, "test")
@@ -150,9 +152,11 @@ def test_presets_fill_only_what_the_user_left_out():
 
 # ---- shard files: same seed same output, kill and resume ----
 
-def run_shard(model, tokenizer, path, starts=tuple(range(20, 31)), batch_size=4, **sampling):
+def run_shard(model, tokenizer, path, starts=tuple(range(20, 31)), batch_size=4, engine=HFGenerator,
+              **sampling):
     config = SamplingConfig(**{"max_length": 10, **sampling})
-    return synthesize_shard(model, tokenizer, list(starts), path, config, batch_size, 0, 1, TEACHER)
+    generator = engine(model, config, stop_token_ids(model.generation_config, tokenizer))
+    return synthesize_shard(generator, tokenizer, list(starts), path, batch_size, 0, 1, TEACHER)
 
 
 def test_shard_lines_hold_the_promised_fields(tiny_llama, tokenizer, tmp_path):
@@ -186,11 +190,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tokenizer,
     assert run_shard(tiny_llama, tokenizer, killed) == 0  # a finished shard has nothing left to do
 
 
-def test_a_rerun_with_other_settings_is_refused(tiny_llama, tokenizer, tmp_path):
+def test_a_rerun_with_other_settings_or_the_other_engine_is_refused(tiny_llama, tokenizer, tmp_path):
     path = tmp_path / "shard.jsonl"
     run_shard(tiny_llama, tokenizer, path, starts=[20, 21])
     with pytest.raises(ValueError, match="another --output-dir"):
         run_shard(tiny_llama, tokenizer, path, starts=[20, 21], max_length=12)
+    class OtherEngine(HFGenerator):
+        engine = "vllm"
+    with pytest.raises(ValueError, match="engine=vllm'; pass another --output-dir"):  # no shard of two engines
+        run_shard(tiny_llama, tokenizer, path, starts=[20, 21, 22], engine=OtherEngine)
     path.write_text('{"not": "ours"}\n')
     with pytest.raises(ValueError, match=":1 is not a line this tool wrote"):
         read_finished(path, TEACHER, SamplingConfig().describe())
@@ -224,7 +232,12 @@ def test_bad_command_lines_fail_with_one_line(tmp_path, capsys):
     for argv, message in ((["--shard", "3", "--num-shards", "2"], "out of range"),
                           (["--output-dir", str(blocker / "sub")], "not writable"),
                           (["--max-length", "2"], "--max-length"),
-                          (["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)], "does not exist")):
+                          (["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)], "does not exist"),
+                          (["--engine", "vllm", "--vllm-python", str(tmp_path / "none")],
+                           "does not exist: run make vllm"),
+                          (["--tensor-parallel-size", "2"], "vLLM's: add --engine vllm"),
+                          (["--engine", "vllm", "--vllm-python", str(blocker), "--tensor-parallel-size", "0"],
+                           "--tensor-parallel-size 0 must be at least 1")):
         with pytest.raises(SystemExit) as exit_info:
             generate_data.main(argv + ["--device", "cpu"])
         assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
@@ -265,3 +278,57 @@ def test_sequences_longer_than_the_models_positions_are_refused_before_loading_i
         generate_data.main(["--model", str(teacher), "--max-length", "32", "--device", "cpu",
                             "--output-dir", str(tmp_path / "gen")])
     assert not list((tmp_path / "gen").glob("shard-*"))
+
+
+# ---- the vLLM engine's plumbing (tests/test_synthesis_vllm.py runs vLLM itself) ----
+
+def test_each_gpu_process_gets_its_own_block_of_gpus():
+    assert engine_gpus(0, 1, 8, environ={}) == "0"
+    assert engine_gpus(3, 2, 8, environ={}) == "6,7"  # torchrun --nproc-per-node 4, a teacher on 2 GPUs each
+    assert engine_gpus(1, 2, 0, environ={"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == "6,7"
+    with pytest.raises(ValueError, match="needs GPUs 6..7, but 7 are visible; start fewer processes per node"):
+        engine_gpus(3, 2, 7, environ={})
+
+
+def test_an_engine_that_dies_says_why_in_one_line(tmp_path):
+    """This environment has no vLLM, so its python makes an engine that dies at the import."""
+    generator = VLLMGenerator("some-model", SamplingConfig(), set(), tmp_path / "engine.log", python=sys.executable)
+    with pytest.raises(OSError, match=r"the vLLM engine stopped \(exit status 1\): ModuleNotFoundError: No module "
+                                      r"named 'vllm' \(its log: .*engine.log\)"), generator:
+        generator([20, 21], 3)
+
+
+def test_engine_vllm_gets_the_plan_the_stop_tokens_and_the_settings_of_the_command_line(tmp_path, monkeypatch):
+    """The command line's side of --engine vllm, with the HF sampler standing in for vLLM (no vLLM needed)."""
+    import generate_data
+    from conftest import save_tiny_teacher
+    from utils.data.records import SequenceRecord
+    from utils.training.loading import load_model
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    made = {}
+
+    class StandIn(HFGenerator):
+        engine = "vllm"
+
+        def __init__(self, model_path, config, stop_tokens, log_path, **options):
+            made.update(model_path=model_path, stop_tokens=stop_tokens, log_path=log_path, **options)
+            super().__init__(load_model(model_path), config, stop_tokens)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *error):
+            made["closed"] = True
+
+    monkeypatch.setattr(generate_data, "VLLMGenerator", StandIn)
+    generate_data.main(["--model", str(teacher), "--engine", "vllm", "--vllm-python", sys.executable,
+                        "--num-start-tokens", "2", "--max-length", "6", "--output-dir", str(tmp_path / "gen"),
+                        "--device", "cpu", "--threads", "1"])
+    shard = tmp_path / "gen" / "shard-00-of-01.jsonl"
+    records = [SequenceRecord.from_line(line) for line in shard.read_text().splitlines()]
+    assert len(records) == 6 and all(record.sampling.endswith(" engine=vllm") for record in records)
+    hf_stop_tokens = stop_token_ids(load_model(teacher).generation_config, load_tokenizer(teacher))
+    assert made == dict(model_path=str(teacher), stop_tokens=hf_stop_tokens,
+                        log_path=tmp_path / "gen" / "shard-00-of-01.jsonl.vllm.log", dtype="float32",
+                        max_num_seqs=VLLM_BATCH_SIZE, memory_fraction=VLLM_MEMORY_FRACTION["cpu"],
+                        tensor_parallel_size=1, eager=True, threads=1, gpus=None, python=sys.executable, closed=True)

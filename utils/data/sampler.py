@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import DynamicCache
@@ -45,11 +46,13 @@ class SamplingConfig:
         if self.top_k < 0:
             raise ValueError(f"--top-k {self.top_k} must be 0 or more (paper: 50; 0 = no top-k filter)")
 
-    def describe(self) -> str:
-        """Recorded in every line, so a rerun with other settings cannot silently extend a shard."""
+    def describe(self, engine: str = "hf") -> str:
+        """Recorded in every line, so a rerun with other settings, or with the other engine, cannot silently extend a
+        shard. The HF engine goes unnamed: its shards were written before there was another."""
         greedy = ",".join(map(str, self.greedy_lengths))
+        named = "" if engine == "hf" else f" engine={engine}"
         return (f"greedy={greedy} max_length={self.max_length} temperature={self.temperature:g} "
-                f"top_k={self.top_k} seed={self.seed}")
+                f"top_k={self.top_k} seed={self.seed}{named}")
 
 
 def resolve_device(device: str | None, environ=os.environ) -> torch.device:
@@ -134,9 +137,23 @@ def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: S
     return sequences
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """The EOS ids `generate` would stop on: the model's generation config, else the tokenizer's."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
+@dataclass
+class HFGenerator:
+    """The batched sampler as synthesis's engine (utils/data/synthesis.py): `generator(start_tokens, greedy_tokens)`
+    returns one batch of sequences. utils/data/vllm_engine.py's `VLLMGenerator` is the other engine."""
+
+    model: torch.nn.Module
+    config: SamplingConfig
+    stop_tokens: set[int]
+    engine: ClassVar[str] = "hf"
+
+    def __call__(self, start_tokens: list[int], greedy_tokens: int) -> list[list[int]]:
+        return generate_batch(self.model, start_tokens, greedy_tokens, self.config, self.stop_tokens)
+
+
+def stop_token_ids(generation_config, tokenizer) -> set[int]:
+    """The EOS ids `generate` would stop on: the teacher's generation config's, else the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:

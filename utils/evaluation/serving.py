@@ -28,10 +28,7 @@ import torch.nn.functional as F
 
 from models.quantize import CONFIG_KEY, QATConfig
 from models.quantizers import FULL_PRECISION
-
-REPO = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-INSTALL_HINT = "make vllm (vLLM's CPU build in its own environment, .venv-vllm)"
+from utils.data.vllm_engine import REPO, VLLM_PYTHON, require_vllm_python
 
 
 def vllm_mismatch(config: dict) -> str | None:
@@ -72,8 +69,7 @@ def served_log_probs(model_dir: str | Path, sequences: list[list[int]], dtype: s
                      python: str | Path = VLLM_PYTHON) -> dict:
     """vLLM's log p of every token after the first, and its first-ranked token there, per sequence; under "linears"
     the first input and output rows of each of its linear layers ({vLLM layer name: (input, output)})."""
-    if not Path(python).is_file():
-        raise FileNotFoundError(f"{python} does not exist: run {INSTALL_HINT}")
+    require_vllm_python(python)
     with tempfile.TemporaryDirectory() as scratch:
         inputs, outputs, linears = (Path(scratch) / name for name in ("sequences.json", "served.json", "linears.pt"))
         inputs.write_text(json.dumps(sequences))

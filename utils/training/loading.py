@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from models.checkpoint import load_student, with_saved_structure
 from models.packed import is_packed_export, load_packed
@@ -134,6 +134,16 @@ def load_weightless_model(name_or_path: str | None, dtype: torch.dtype = torch.f
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers: the tie made inside is lost
     setattr(model, WEIGHTS_UNREAD, True)  # a rotation (--rotate) changes its structure only: the weights come later
     return with_saved_structure(model, quantized=False).eval()
+
+
+def load_generation_config(name_or_path: str | None = None) -> GenerationConfig:
+    """The generation config `load_model` attaches to the model (its generation_config.json, else one made from its
+    config.json), without reading weights: for a process that leaves the model to another engine (vLLM)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
 
 
 def load_model_and_tokenizer(name_or_path: str | None = None, **kwargs):
