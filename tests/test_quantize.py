@@ -47,7 +47,7 @@ def test_every_decoder_projection_becomes_quantlinear_and_nothing_else(tiny_llam
     assert list(model.state_dict()) == state_dict_keys
     assert model.config.llm_qat == dict(w_bits=4, a_bits=8, kv_bits=4, act_symmetric=True, ste_clip=2.0,
                                         w_group_size=None, kv_placement="pre_rope", recipe="paper", grid="paper",
-                                        rotate="none", rotate_seed=0)
+                                        arithmetic="float", rotate="none", rotate_seed=0)
 
 
 def test_quantized_weight_equals_pytorch_per_channel_reference(tiny_llama):

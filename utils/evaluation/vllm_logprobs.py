@@ -6,8 +6,8 @@ SEQUENCES.json is a list of token id lists; OUT.json gets, per sequence, log p(x
 first ("log_probs") and the token vLLM ranks first at each of those positions ("top1"). With `--linears LINEARS.pt` it
 also saves, for every linear layer of vLLM's model, its input and output on the first tokens it computes (torch.save
 of {vLLM layer name: (input, output)}), so the main environment can run the student's layers on vLLM's own inputs. It
-imports only vLLM and the standard library: vLLM pins its own transformers, so nothing of the main environment's stack
-runs here.
+imports only vLLM (and its torch, to save those tensors) and the standard library: vLLM pins its own transformers, so
+nothing of the main environment's stack runs here.
 """
 from __future__ import annotations
 
