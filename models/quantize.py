@@ -213,7 +213,8 @@ class QuantLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits = config.w_bits, config.a_bits
         self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
-        self.grid, self.integer_product, self.scale_dtype = config.grid, config.integer_product, config.weight_scale_dtype
+        self.grid, self.integer_product = config.grid, config.integer_product
+        self.scale_dtype = config.weight_scale_dtype
         self.input_rotation, self.output_quantizer = input_rotation, output_quantizer
         self.weight_on_grid = weight_on_grid  # an export's weight: codes * scales as stored, never re-derived
         self.register_buffer("weight_scale", None, persistent=False)  # an export's stored scales (models.packed)
@@ -233,8 +234,8 @@ class QuantLinear(nn.Linear):
         with codes * scales == `quantized_weight()`: an export's stored scales, or this grid's."""
         weight = self.weight.detach()
         if self.weight_on_grid and self.weight_scale is not None:
-            scales = self.weight_scale.to(upcast(weight).dtype)
-            return torch.round(upcast(weight) / scales.repeat_interleave(weight.shape[-1] // scales.shape[-1], -1)), scales
+            weight, scales = upcast(weight), self.weight_scale.to(upcast(weight).dtype)
+            return torch.round(weight / scales.repeat_interleave(weight.shape[-1] // scales.shape[-1], -1)), scales
         codes, scales = symmetric_codes(grouped(weight, self.w_group_size), self.w_bits, self.grid, self.scale_dtype)
         return (codes.reshape(weight.shape), scales.squeeze(-1)) if self.w_group_size else (codes, scales)
 

@@ -94,9 +94,9 @@ class ServedTable:
             return trained
         export = trained.parent.with_name(trained.parent.name + "-export")
         settings = dict(checkpoint=str(trained.parent))
-        return self.table.runner.result(Cell(f"{export.name}", "export", settings, settings_key(**settings),
-                                             export / "config.json",
-                                             make=lambda output: export_packed(trained.parent, output.parent, force=True)))
+        cell = Cell(export.name, "export", settings, settings_key(**settings), export / "config.json",
+                    make=lambda output: export_packed(trained.parent, output.parent, force=True))
+        return self.table.runner.result(cell)
 
     def gptq_export(self, config: QATConfig) -> Path | str:
         """llm-compressor's GPTQ model (paper_table.py's baseline cell): its float copy holds `compressed/`."""
@@ -104,7 +104,9 @@ class ServedTable:
             return "not installed"
         cell = self.table.baseline_cell("gptq", config.w_bits, w_group_size=config.w_group_size, a_bits=config.a_bits)
         made = self.table.runner.result(cell)
-        return made.parent / saved_baseline(made.parent)["compressed"] / "config.json" if isinstance(made, Path) else made
+        if not isinstance(made, Path):
+            return made
+        return made.parent / saved_baseline(made.parent)["compressed"] / "config.json"
 
     def export(self, method: str, row: str, config: QATConfig) -> Path | str:
         if method == "fp":
