@@ -27,8 +27,9 @@ TINY_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hid
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+def load_script(name: str, folder: str = "scripts"):
+    """The command-line file FOLDER/NAME.py as a module (scripts/ and bench/ are not packages)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

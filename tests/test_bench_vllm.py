@@ -1,24 +1,13 @@
 """bench/bench_vllm.py refuses bad input in one line before it exports or times anything, and never writes into a
 --work-dir it did not create or created for another model. No timings here: the bench itself is run by hand."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_teacher
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script, save_tiny_teacher
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_vllm", REPO / "bench" / "bench_vllm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_vllm = load_bench()
+bench_vllm = load_script("bench_vllm", "bench")
 
 
 @pytest.mark.parametrize("flags, error", [

@@ -1,28 +1,20 @@
 """bench/gpu_check.sh, the prepared GPU check, on CPU with a tiny shape (a 2-layer hidden-64 LLaMA, 32 tokens; part
 (d) loads the embedded SmolLM2-135M): every part gives a row of numbers, the table parses and lands in $OUT. A part
 that fails or overruns its time limit gives a "failed" row instead of ending the check. No timings are asserted."""
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, load_script
+
 PART_PREFIXES = ("(a)", "(b)", "(c)", "(d)")
 
 
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_gpu_check()
+gpu_check = load_script("gpu_check", "bench")
 
 
 def table(text: str) -> list[list[str]]:

@@ -1,4 +1,3 @@
-import importlib.util
 import inspect
 import json
 from dataclasses import replace
@@ -7,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from models import quantize_model
 from utils.training.kd_trainer import kd_loss
 from utils.training.memory_plan import (CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB, KD_CHUNK_ROWS, SHIPPED_MODELS,
@@ -16,11 +16,6 @@ from utils.training.memory_plan import (CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB, 
 ROOT = Path(__file__).parents[1]
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("plan_memory_cli", ROOT / "scripts" / "plan_memory.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +129,7 @@ def test_checkpointing_is_suggested_when_it_is_off(llama_shapes):
 
 
 def test_cli_prints_the_table_and_json(capsys):
-    cli = load_cli()
+    cli = load_script("plan_memory")
     cli.main(["--model", "llama-7b", "llama-30b", "--gpus", "8", "--gpu-memory", "80"])
     printed = capsys.readouterr().out
     assert "| verdict | fits | **does not fit** |" in printed
@@ -155,7 +150,7 @@ def test_cli_prints_the_table_and_json(capsys):
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as refused:
-        load_cli().main(argv)
+        load_script("plan_memory").main(argv)
     assert refused.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(f"plan_memory.py: error: {message}") and error.count("\n") == 1
@@ -165,7 +160,7 @@ def test_cli_refuses_a_config_that_is_not_llama_family(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2,
                                                       "n_head": 2, "vocab_size": 100}))
     with pytest.raises(SystemExit) as refused:
-        load_cli().main(["--model", str(tmp_path)])
+        load_script("plan_memory").main(["--model", str(tmp_path)])
     assert refused.value.code == 2
     assert "is not a LLaMA-family decoder" in capsys.readouterr().err
 
@@ -176,7 +171,7 @@ def test_cli_refuses_a_config_without_its_shape(tmp_path, capsys):
     del config["intermediate_size"], config["num_hidden_layers"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit) as refused:
-        load_cli().main(["--model", str(tmp_path)])
+        load_script("plan_memory").main(["--model", str(tmp_path)])
     assert refused.value.code == 2
     assert capsys.readouterr().err == (f"plan_memory.py: error: --model: {tmp_path / 'config.json'} lacks "
                                        "num_hidden_layers, intermediate_size; give the model's full config.json, "
