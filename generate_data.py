@@ -5,6 +5,7 @@
     python generate_data.py --shard 0 --num-shards 8 --preset paper
     torchrun --nproc-per-node 8 generate_data.py     # one shard per GPU, from RANK / WORLD_SIZE
     python generate_data.py --engine vllm            # the same shard written by vLLM (make vllm)
+    python generate_data.py --save-topk 32           # with the teacher's top-32 log-probs: train.py --teacher cached
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=50, help="0 samples from the whole vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="picks the random start tokens and all samples")
+    parser.add_argument("--save-topk", type=int, default=0, metavar="K",
+                        help="also keep the teacher's K most likely tokens and their log-probabilities at every "
+                             "position, for train.py --teacher cached (a side file per shard; 8 K bytes a token)")
     parser.add_argument("--batch-size", type=int,
                         help=f"sequences per forward (default: 32 on CPU, what fits the GPU's free memory on CUDA; "
                              f"vLLM: {VLLM_BATCH_SIZE} per request)")
@@ -100,7 +104,8 @@ def generate(args):
     device = resolve_device(args.device)
     preset = apply_preset(args, cuda_available=device.type == "cuda")
     shard, num_shards = resolve_shard(args.shard, args.num_shards, args.positional_shard)
-    config = SamplingConfig(tuple(args.greedy_lengths), args.max_length, args.temperature, args.top_k, args.seed)
+    config = SamplingConfig(tuple(args.greedy_lengths), args.max_length, args.temperature, args.top_k, args.seed,
+                            args.save_topk)
     config.check()
     check_engine_flags(args)
     ensure_writable_dir(args.output_dir)

@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 
 from utils.data.merge import find_shard_files, heldout_file, merge_shards
+from utils.data.teacher_topk import store_directory
 from utils.safety import user_errors
 
 logger = logging.getLogger("merge_gen_data")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-mixed-settings", action="store_true",
                         help="merge shards generated with different sampling settings (refused by default)")
     return parser
-
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,7 +45,8 @@ def main(argv=None):
     print(f"{output}: {report.train.describe()} (teacher {report.teacher})")
     if args.heldout:
         print(f"{heldout_file(output)}: {report.heldout.describe()}")
-
+    if report.topk:
+        print(f"teacher top-{report.topk} log-probs of every token: {store_directory(output)} (train.py --teacher cached)")
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,7 @@ HF, VLLM, LOOP = "HF batched (this repo)", "vLLM", "one at a time (released code
 def run_plan(generator, start_tokens: list[int], batch_size: int) -> list[tuple[list[int], int]]:
     """(token ids, greedy length) of every sequence, in generate_data.py's batches."""
     return [(ids, greedy) for greedy, chunk in plan_batches(start_tokens, generator.config.greedy_lengths, batch_size)
-            for ids in generator(chunk, greedy)]
+            for ids in generator(chunk, greedy)[0]]
 
 
 def sequential_run(model, work, config, pad_token_id):

@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+from utils.data.vllm_generate import memory_arguments
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -36,9 +38,9 @@ def main() -> None:
     with open(args.prompts) as handle:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(handle)]
     began = time.perf_counter()
-    # On CPU gpu_memory_utilization is the share of RAM vLLM reserves for its KV cache. No prefix caching: every
-    # repeat sends the same prompts, which would otherwise be prefilled once.
-    engine = LLM(model=args.model, dtype=args.dtype, gpu_memory_utilization=0.1, enforce_eager=not args.compiled,
+    # A KV cache of 10 % of the RAM on CPU (of the GPU's memory on a GPU). No prefix caching: every repeat sends the
+    # same prompts, which would otherwise be prefilled once.
+    engine = LLM(model=args.model, dtype=args.dtype, **memory_arguments(0.1), enforce_eager=not args.compiled,
                  seed=0, max_model_len=max(len(prompt["prompt_token_ids"]) for prompt in prompts) + args.generate,
                  enable_prefix_caching=False)
     load_seconds = time.perf_counter() - began

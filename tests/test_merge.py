@@ -1,6 +1,7 @@
 """merge_gen_data: validation, duplicates, mixed teachers, overwrite protection, held-out start tokens."""
 import json
 
+import numpy as np
 import pytest
 
 import merge_gen_data
@@ -8,6 +9,8 @@ from utils.data.merge import (MixedSettingsError, MixedTeachersError, find_shard
                               merge_shards)
 from utils.data.records import SequenceRecord, TeacherIdentity
 from utils.data.sampler import SamplingConfig
+from utils.data.teacher_topk import SequenceTopK, append_rows, open_teacher_topk, side_file
+from utils.safety import file_sha256
 
 TEACHER = str(TeacherIdentity("tiny", 128, "abc"))
 SAMPLING = SamplingConfig().describe()
@@ -144,3 +147,57 @@ def test_an_earlier_merge_found_by_a_glob_is_left_out_but_named_as_an_input_is_r
     with pytest.raises(SystemExit, match="all.jsonl is one of the inputs and would be overwritten by this merge; .* e.g. .*merged.jsonl"):
         merge_gen_data.main([str(output), str(tmp_path), "--output", str(output), "--force"])
     assert read_ids(output) == [[5, 6], [7, 8]]
+
+
+# ---- teacher top-K rows (generate_data.py --save-topk) ----
+
+def rows_for(ids, k=3):
+    """Rows that name their sequence and position: id = 1000 * first token + position, log-prob = -position."""
+    positions = np.arange(len(ids))
+    return SequenceTopK(((1000 * ids[0] + positions)[:, None] + np.arange(k)).astype(np.int32),
+                        np.repeat(-positions[:, None].astype(np.float32), k, axis=1))
+
+
+def topk_shard(path, sequences, k=3, **changes):
+    """A shard of `sequences` with their rows in its side file, as generate_data.py --save-topk k writes it."""
+    lines, row = [], 0
+    with side_file(path).open("wb") as out:
+        for ids in sequences:
+            append_rows(out, [rows_for(ids, k)], k)
+            lines.append(line(ids, topk=[k, row], **changes))
+            row += len(ids)
+    path.write_text("".join(lines))
+    return path
+
+
+def test_merged_stores_hold_the_kept_lines_rows_in_their_order(tmp_path):
+    first = topk_shard(tmp_path / "shard-00-of-02.jsonl", [[start, 5, 6][:2 + start % 2] for start in range(20, 30)])
+    # [21, 5, 6] repeats a line of the first shard: a duplicate, whose rows are not copied
+    second = topk_shard(tmp_path / "shard-01-of-02.jsonl", [[21, 5, 6]] + [[start, 7] for start in range(30, 34)])
+    report = merge_shards([first, second], tmp_path / "all.jsonl", heldout=3, seed=0)
+    assert report.topk == 3 and report.duplicates == 1
+    for name in ("all.jsonl", "heldout.jsonl"):
+        path = tmp_path / name
+        sequences = read_ids(path)
+        store = open_teacher_topk(path, file_sha256(path), sum(map(len, sequences)), len(sequences))
+        expected = [rows_for(ids) for ids in sequences]
+        assert (store.ids[:] == np.concatenate([rows.ids for rows in expected])).all()
+        assert (store.logprobs[:] == np.concatenate([rows.logprobs for rows in expected])).all()
+    (tmp_path / "all.jsonl").write_text("[1, 2]\n")  # edited after the merge: its store no longer belongs to it
+    with pytest.raises(ValueError, match="belongs to another version of .* merge it again"):
+        open_teacher_topk(tmp_path / "all.jsonl", file_sha256(tmp_path / "all.jsonl"), 29, 14)
+
+
+def test_shards_with_and_without_rows_or_with_another_k_are_not_merged_into_one_store(tmp_path):
+    with_rows = topk_shard(tmp_path / "a.jsonl", [[20, 5], [21, 5]])
+    other_k = topk_shard(tmp_path / "b.jsonl", [[22, 5]], k=4)
+    (tmp_path / "plain").mkdir()
+    without = write_shards(tmp_path / "plain", [line([23, 5])])[0]
+    for shards, message in (([with_rows, without], "has no teacher rows but .* top-3"),
+                            ([with_rows, other_k], "has top-4 teacher rows but .* top-3")):
+        with pytest.raises(MixedSettingsError, match=message + ".*one --save-topk at a time"):
+            merge_shards(shards, tmp_path / "all.jsonl", force=True)
+    merge_shards([with_rows], tmp_path / "all.jsonl")
+    assert (tmp_path / "all.jsonl.topk" / "manifest.json").exists()
+    merge_shards([without], tmp_path / "all.jsonl", force=True)  # a merge without rows leaves no old store behind
+    assert not (tmp_path / "all.jsonl.topk").exists()

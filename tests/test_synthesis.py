@@ -2,16 +2,19 @@
 import json
 import sys
 from argparse import Namespace
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from generate_data import apply_preset
-from utils.data.records import TeacherIdentity
+from utils.data.records import SequenceRecord, TeacherIdentity
 from utils.data.sampler import HFGenerator, SamplingConfig, generate_batch, sample_top_k, stop_token_ids
 from utils.data.start_tokens import (choose_start_tokens, eligible_start_tokens, resolve_shard, shard_start_tokens,
                                      special_token_ids)
 from utils.data.synthesis import read_finished, shard_path, synthesize_shard
+from utils.data.teacher_topk import read_rows, side_file
 from utils.data.vllm_engine import VLLM_BATCH_SIZE, VLLM_MEMORY_FRACTION, VLLMGenerator, engine_gpus
 from utils.training.loading import load_tokenizer
 
@@ -34,10 +37,14 @@ def argmax_continuation(model, start_token, length):
 
 # ---- the sampler ----
 
+def sequences_of(model, *args, **kwargs):
+    return generate_batch(model, *args, **kwargs)[0]
+
+
 def test_greedy_prefix_is_the_argmax_continuation(tiny_llama):
     starts = [20, 31, 57]
     for greedy in (3, 5):
-        sequences = generate_batch(tiny_llama, starts, greedy, SamplingConfig(max_length=9))
+        sequences = sequences_of(tiny_llama, starts, greedy, SamplingConfig(max_length=9))
         for start, ids in zip(starts, sequences):
             assert len(ids) == 9
             assert ids[:greedy] == argmax_continuation(tiny_llama, start, greedy)
@@ -45,7 +52,7 @@ def test_greedy_prefix_is_the_argmax_continuation(tiny_llama):
 
 def test_sampled_tail_depends_on_the_seed_and_only_on_it(tiny_llama):
     starts = [20, 31, 57, 90]
-    first, again, other = (generate_batch(tiny_llama, starts, 3, SamplingConfig(max_length=16, seed=seed))
+    first, again, other = (sequences_of(tiny_llama, starts, 3, SamplingConfig(max_length=16, seed=seed))
                            for seed in (0, 0, 1))
     assert first == again
     assert [ids[:3] for ids in first] == [ids[:3] for ids in other]
@@ -55,27 +62,48 @@ def test_sampled_tail_depends_on_the_seed_and_only_on_it(tiny_llama):
 def test_batched_equals_one_at_a_time_for_greedy_only(tiny_llama):
     starts = [18, 25, 40, 77, 101]
     config = SamplingConfig(greedy_lengths=(12,), max_length=12)
-    batched = generate_batch(tiny_llama, starts, 12, config)
-    assert batched == [generate_batch(tiny_llama, [s], 12, config)[0] for s in starts]
+    batched = sequences_of(tiny_llama, starts, 12, config)
+    assert batched == [sequences_of(tiny_llama, [s], 12, config)[0] for s in starts]
     assert batched == [argmax_continuation(tiny_llama, s, 12) for s in starts]
 
 
 def test_sampled_sequence_does_not_depend_on_its_batch(tiny_llama):
     config = SamplingConfig(max_length=14, seed=3)
-    batched = generate_batch(tiny_llama, [18, 25, 40], 4, config)
-    assert batched[1] == generate_batch(tiny_llama, [25], 4, config)[0]
+    batched = sequences_of(tiny_llama, [18, 25, 40], 4, config)
+    assert batched[1] == sequences_of(tiny_llama, [25], 4, config)[0]
 
 
 def test_a_row_that_emits_a_stop_token_ends_and_the_others_go_on(tiny_llama):
     config = SamplingConfig(greedy_lengths=(8,), max_length=8)
     starts = [18, 25, 40]
-    free = generate_batch(tiny_llama, starts, 8, config)
+    free = sequences_of(tiny_llama, starts, 8, config)
     stop = free[1][2]  # the middle row emits this as its third token
-    stopped = generate_batch(tiny_llama, starts, 8, config, stop_tokens={stop})
+    stopped = sequences_of(tiny_llama, starts, 8, config, stop_tokens={stop})
     assert stopped[1] == free[1][:3]
     for before, after in zip(free, stopped):
         cut = next((i + 1 for i, t in enumerate(before) if i > 0 and t == stop), len(before))
         assert after == before[:cut]
+
+
+def teacher_forced_log_probs(model, ids):
+    """log softmax of the teacher's logits at every position of `ids`, in one forward without a KV cache."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+def test_saved_top_k_rows_are_the_teachers_distribution_at_every_position(tiny_llama):
+    config = SamplingConfig(max_length=12, seed=1, save_topk=5)
+    starts = [18, 25, 40]
+    sequences, topk = generate_batch(tiny_llama, starts, 4, config, stop_tokens={7, 9})
+    assert sequences == sequences_of(tiny_llama, starts, 4, replace(config, save_topk=0))  # the same text
+    for ids, rows in zip(sequences, topk):
+        assert rows.ids.shape == rows.logprobs.shape == (len(ids), 5)
+        reference = teacher_forced_log_probs(tiny_llama, ids)
+        best = reference.topk(5, dim=-1)
+        # row t: the distribution the token at t + 1 came from, most likely first
+        torch.testing.assert_close(torch.from_numpy(rows.logprobs[:-1]).double(), best.values[:-1], atol=1e-5, rtol=0)
+        assert (rows.ids[:-1] == best.indices[:-1].numpy()).all()
+        assert (rows.ids[-1] == 0).all() and np.isneginf(rows.logprobs[-1]).all()  # never computed
 
 
 def test_top_k_sampling_stays_in_the_top_k():
@@ -188,6 +216,38 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tokenizer,
     assert run_shard(tiny_llama, tokenizer, killed) == len(lines) - lines_kept
     assert sorted(killed.read_text().splitlines()) == sorted(whole.read_text().splitlines())
     assert run_shard(tiny_llama, tokenizer, killed) == 0  # a finished shard has nothing left to do
+
+
+@pytest.mark.parametrize("lines_kept,extra_rows", [(0, 3), (5, 0), (13, 20)])
+def test_a_killed_run_with_top_k_rows_resumes_to_the_uninterrupted_rows(tiny_llama, tokenizer, tmp_path, lines_kept,
+                                                                       extra_rows):
+    whole = tmp_path / "whole.jsonl"
+    run_shard(tiny_llama, tokenizer, whole, save_topk=4)
+    lines = whole.read_text().splitlines(keepends=True)
+    records = [SequenceRecord.from_line(line) for line in lines]
+    assert [r.topk[1] for r in records] == list(np.cumsum([0] + [len(r.input_ids) for r in records[:-1]]))
+    # What a kill leaves: the first lines, their rows and some rows of the batch whose lines it never wrote.
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text("".join(lines[:lines_kept]))
+    rows_kept = sum(len(r.input_ids) for r in records[:lines_kept]) + extra_rows
+    side_file(killed).write_bytes(side_file(whole).read_bytes()[:rows_kept * 4 * 8])
+    assert run_shard(tiny_llama, tokenizer, killed, save_topk=4) == len(lines) - lines_kept
+    assert killed.read_bytes() == whole.read_bytes()  # batches in order: the very same bytes
+    assert side_file(killed).read_bytes() == side_file(whole).read_bytes()
+    first = records[7]
+    rows = read_rows(side_file(killed), first.topk[1], len(first.input_ids), 4)
+    reference = teacher_forced_log_probs(tiny_llama, first.input_ids).topk(4, dim=-1)
+    assert (rows.ids[:-1] == reference.indices[:-1].numpy()).all()
+
+
+def test_rows_cut_short_are_an_error_naming_the_fix(tiny_llama, tokenizer, tmp_path):
+    path = tmp_path / "shard.jsonl"
+    run_shard(tiny_llama, tokenizer, path, starts=[20, 21], save_topk=4)
+    side_file(path).write_bytes(side_file(path).read_bytes()[:100])
+    with pytest.raises(ValueError, match="delete the shard file shard.jsonl too and generate it again"):
+        run_shard(tiny_llama, tokenizer, path, starts=[20, 21, 22], save_topk=4)
+    with pytest.raises(ValueError, match="another --output-dir"):  # top-K rows are part of the settings
+        run_shard(tiny_llama, tokenizer, path, starts=[20, 21], save_topk=8)
 
 
 def test_a_rerun_with_other_settings_or_the_other_engine_is_refused(tiny_llama, tokenizer, tmp_path):

@@ -12,7 +12,9 @@ import itertools
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import vllm_sized_llama
 from utils.data.distribution import KOLMOGOROV_1_PERCENT, distribution_gaps, sample_statistics
@@ -41,7 +43,7 @@ def teacher(tmp_path_factory):
 
 def plan(generator) -> list[tuple[list[int], int]]:
     """(token ids, greedy length) of every sequence of the plan, in one order."""
-    return [(ids, greedy) for greedy in CONFIG.greedy_lengths for ids in generator(START_TOKENS, greedy)]
+    return [(ids, greedy) for greedy in CONFIG.greedy_lengths for ids in generator(START_TOKENS, greedy)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def hf_statistics(teacher, hf_plans):
 def vllm(teacher, stop_tokens, tmp_path_factory):
     _, _, directory = teacher
     log = tmp_path_factory.mktemp("vllm") / "engine.log"
-    with VLLMGenerator(directory, CONFIG, stop_tokens, log, memory_fraction=0.1, max_num_seqs=64, eager=True) as engine:
+    with VLLMGenerator(directory, CONFIG, stop_tokens, log, memory_fraction=0.05, max_num_seqs=64, eager=True) as engine:
         yield engine
 
 
@@ -133,3 +135,26 @@ def test_a_vllm_shard_has_the_hf_records_and_resumes_after_a_kill(teacher, vllm,
     assert sorted(killed.read_text().splitlines()) == sorted(whole.read_text().splitlines())
     with pytest.raises(ValueError, match="engine=vllm', but this run uses .* pass another --output-dir"):  # nor HF
         synthesize_shard(HFGenerator(model, CONFIG, set()), tokenizer, START_TOKENS[:6], killed, 4, 0, 1, identity)
+
+
+@needs_vllm
+def test_vllm_top_k_rows_are_the_teachers_distribution(teacher, stop_tokens, tmp_path):
+    """vLLM's raw log-probabilities of every step (greedy prefix and sampled tail) are the HF teacher's on the same
+    text, up to float32 kernels."""
+    model, _, directory = teacher
+    config = replace(CONFIG, save_topk=6)
+    with VLLMGenerator(directory, config, stop_tokens, tmp_path / "engine.log", memory_fraction=0.05, max_num_seqs=64,
+                       eager=True) as engine:
+        sequences, topk = engine(START_TOKENS[:8], 4)
+    assert not (tmp_path / "engine.log.topk").exists()  # its scratch file goes with the engine
+    for ids, rows in zip(sequences, topk):
+        assert rows.ids.shape == (len(ids), 6)
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)[:-1]
+        chosen = torch.from_numpy(rows.ids[:-1]).long()
+        torch.testing.assert_close(torch.from_numpy(rows.logprobs[:-1]).double(), reference.gather(1, chosen),
+                                   atol=2e-4, rtol=0)
+        # the six most likely, in order, up to near-ties
+        assert (reference.gather(1, chosen)[:, -1] >= reference.topk(6).values[:, -1] - 2e-4).all()
+        assert (np.diff(rows.logprobs[:-1], axis=1) <= 0).all()
+        assert (rows.ids[-1] == 0).all() and np.isneginf(rows.logprobs[-1]).all()

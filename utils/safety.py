@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -88,6 +89,15 @@ def check_positions(length: int, flag: str, config) -> None:
         field = getattr(config, "attribute_map", {}).get("max_position_embeddings", "max_position_embeddings")
         raise ValueError(f"{flag} {length} is longer than the model's {limit} positions ({field} in its config.json); "
                          f"pass {flag} {limit} or less")
+
+
+def file_sha256(path: Path) -> str:
+    """The digest that says two files hold the same bytes (a store and the file it was built from)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager

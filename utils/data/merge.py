@@ -9,6 +9,10 @@ output is written beside itself and renamed into place, so an interrupted merge 
 
 `heldout` moves every sequence of N start tokens into a second file, so a held-out evaluation never shares a
 start token (hence a prompt) with training.
+
+Shards generated with --save-topk K carry the teacher's top-K rows in a side file; the merge copies the rows of the
+lines it keeps into a store beside each output (utils/data/teacher_topk.py), in the same order, for
+train.py --teacher cached.
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ import hashlib
 import json
 import logging
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from utils.data.records import SequenceRecord, TeacherIdentity
-from utils.safety import atomic_file
+from utils.data.teacher_topk import append_rows, next_rows, read_rows, remove_store, side_file, store_writer
+from utils.safety import atomic_file, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,7 @@ class MergeReport:
     heldout: SplitStatistics = field(default_factory=SplitStatistics)
     teacher: TeacherIdentity | None = None
     settings: list[str] = field(default_factory=list)  # the sampling settings met, in order
+    topk: int | None = None  # K of the kept lines' teacher top-K rows; 0 when they have none
 
     @property
     def kept(self) -> int:
@@ -128,30 +135,33 @@ def refuse_overwrite(path: Path, force: bool):
 
 def merge_shards(files: list[Path], output: Path, force: bool = False, heldout: int = 0,
                  seed: int = 0, allow_mixed_settings: bool = False) -> MergeReport:
-    """Write the valid, distinct lines of `files` to `output` (and `heldout.jsonl` beside it when `heldout`).
-    Shards of one teacher only, and of one sampling setting unless `allow_mixed_settings`."""
+    """Write the valid, distinct lines of `files` to `output` (and `heldout.jsonl` beside it when `heldout`), with
+    their teacher top-K rows when the shards have them. Shards of one teacher only, and of one sampling setting unless
+    `allow_mixed_settings`."""
     output = Path(output)
     heldout_path = heldout_file(output)
     refuse_overwrite(output, force)
     if heldout:
         refuse_overwrite(heldout_path, force)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if not heldout:
-        with atomic_file(output) as kept:
-            return validate_shards(files, kept, allow_mixed_settings)
-    # Held-out start tokens need every start token known first: the kept lines wait in a file that vanishes with us.
-    with tempfile.TemporaryFile("w+", dir=output.parent) as kept:
-        report = validate_shards(files, kept, allow_mixed_settings)
+    # Pass 1 keeps the lines (and rows) in files that vanish with us; pass 2 splits them once every start token is
+    # known (held-out start tokens need all of them).
+    with (tempfile.TemporaryFile("w+", dir=output.parent) as kept,
+          tempfile.TemporaryFile("w+b", dir=output.parent) as kept_rows):
+        report = validate_shards(files, kept, allow_mixed_settings, kept_rows)
         kept.seek(0)
-        split_heldout(kept, output, heldout_path, heldout, seed, report)
+        kept_rows.seek(0)
+        split(kept, kept_rows, output, heldout_path if heldout else None, heldout, seed, report)
     return report
 
 
-def validate_shards(files: list[Path], kept: IO[str], allow_mixed_settings: bool) -> MergeReport:
-    """Write the valid, distinct lines of `files` to `kept`; ValueError if there is none."""
+def validate_shards(files: list[Path], kept: IO[str], allow_mixed_settings: bool,
+                    kept_rows: IO[bytes] | None = None) -> MergeReport:
+    """Write the valid, distinct lines of `files` to `kept`, and their top-K rows to `kept_rows`; ValueError if there
+    is none, or if some kept lines have top-K rows and others not (or another K)."""
     report = MergeReport()
     seen = set()
-    teacher_file, settings_file = None, None
+    teacher_file, settings_file, topk_file = None, None, None
     for path in files:
         with path.open() as f:
             for line_number, line in enumerate(f, 1):
@@ -180,21 +190,47 @@ def validate_shards(files: list[Path], kept: IO[str], allow_mixed_settings: bool
                 if digest in seen:
                     report.duplicates += 1
                     continue
+                k = record.topk[0] if record.topk else 0
+                if report.topk is None:
+                    report.topk, topk_file = k, path
+                elif k != report.topk:
+                    raise MixedSettingsError(
+                        f"{location} has {f'top-{k}' if k else 'no'} teacher rows but {topk_file} "
+                        f"{f'top-{report.topk}' if report.topk else 'none'}; merge shards generated with one "
+                        "--save-topk at a time")
                 seen.add(digest)
                 report.train.add(record)
                 kept.write(line if line.endswith("\n") else line + "\n")
+                if k and kept_rows is not None:
+                    append_rows(kept_rows, [read_rows(side_file(path), record.topk[1], len(record.input_ids), k)], k)
     if not report.kept:
         raise ValueError(f"no valid line in {len(files)} shard file(s); check them with generate_data.py")
     return report
 
 
-def split_heldout(kept: IO[str], output: Path, heldout_path: Path, count: int, seed: int, report: MergeReport):
-    """Pass 2: sequences of the held-out start tokens go to `heldout_path`, the rest to `output`."""
-    held = heldout_start_tokens(report.train.start_tokens, count, seed)
+def split(kept: IO[str], kept_rows: IO[bytes], output: Path, heldout_path: Path | None, count: int, seed: int,
+          report: MergeReport):
+    """Pass 2: sequences of the held-out start tokens go to `heldout_path`, the rest to `output`; each file's lines'
+    top-K rows to its store."""
+    held = heldout_start_tokens(report.train.start_tokens, count, seed) if heldout_path else set()
     report.train, report.heldout = SplitStatistics(), SplitStatistics()
-    with atomic_file(output) as train, atomic_file(heldout_path) as heldout:
+    outputs = [output] + ([heldout_path] if heldout_path else [])
+    k = report.topk
+    with ExitStack() as stack:
+        files = [stack.enter_context(atomic_file(path)) for path in outputs]
+        stores = [stack.enter_context(store_writer(path, k)) for path in outputs] if k else []
         for line in kept:
             record = SequenceRecord.from_line(line)
-            split = report.heldout if record.start_token in held else report.train
-            split.add(record)
-            (heldout if split is report.heldout else train).write(line)
+            held_out = record.start_token in held
+            (report.heldout if held_out else report.train).add(record)
+            files[held_out].write(line)
+            if k:
+                stores[held_out].add(next_rows(kept_rows, len(record.input_ids), k))
+        for file in files:  # the stores name the files' digests, so the files are complete before the stores are
+            file.flush()
+        for store, file in zip(stores, files):
+            store.finish(file_sha256(Path(file.name)))
+    if not k:
+        for path in outputs:
+            remove_store(path)
+

@@ -100,11 +100,15 @@ class SequenceRecord:
     teacher: TeacherIdentity
     sampling: str  # SamplingConfig.describe(): a shard holds one setting, a merge one unless asked otherwise
     text: str = ""
+    topk: tuple[int, int] | None = None  # (K, first row) of its teacher top-K rows (utils/data/teacher_topk.py)
 
     def to_line(self) -> str:
-        return json.dumps({"text": self.text, "input_ids": self.input_ids, "start_token": self.start_token,
-                           "greedy_tokens": self.greedy_tokens, "shard": self.shard, "num_shards": self.num_shards,
-                           "teacher": str(self.teacher), "sampling": self.sampling}) + "\n"
+        record = {"text": self.text, "input_ids": self.input_ids, "start_token": self.start_token,
+                  "greedy_tokens": self.greedy_tokens, "shard": self.shard, "num_shards": self.num_shards,
+                  "teacher": str(self.teacher), "sampling": self.sampling}
+        if self.topk is not None:
+            record["topk"] = list(self.topk)
+        return json.dumps(record) + "\n"
 
     @classmethod
     def from_line(cls, line: str | bytes) -> SequenceRecord:
@@ -121,8 +125,13 @@ class SequenceRecord:
         if not isinstance(ids, list) or not ids:
             raise ValueError("field 'input_ids' missing or empty")
         check_token_ids(ids, teacher.vocab_size)
+        topk = record.get("topk")
+        if topk is not None and not (isinstance(topk, list) and len(topk) == 2
+                                     and all(isinstance(v, int) and v >= 0 for v in topk) and topk[0] > 0):
+            raise ValueError("field 'topk' is not [K, first row]")
         result = cls(ids, _int(record, "start_token"), _int(record, "greedy_tokens"), _int(record, "shard"),
-                     _int(record, "num_shards"), teacher, _str(record, "sampling"), _str(record, "text"))
+                     _int(record, "num_shards"), teacher, _str(record, "sampling"), _str(record, "text"),
+                     tuple(topk) if topk else None)
         if ids[0] != result.start_token:
             raise ValueError("input_ids do not begin with start_token")
         return result

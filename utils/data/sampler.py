@@ -25,6 +25,9 @@ import torch
 from transformers import DynamicCache
 
 from models.rotations import head_dim
+from utils.data.teacher_topk import SequenceTopK, check_k
+
+Generated = tuple[list[list[int]], list[SequenceTopK] | None]  # sequences, and their top-K rows when kept
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 50  # 0 = sample from the whole vocabulary
     seed: int = 0
+    save_topk: int = 0  # K > 0: keep the teacher's K most likely tokens at every position (utils/data/teacher_topk.py)
 
     def check(self):
         if not self.greedy_lengths or min(self.greedy_lengths) < 1:
@@ -45,14 +49,16 @@ class SamplingConfig:
             raise ValueError(f"--temperature {self.temperature} must be a finite number > 0 (paper: 1)")
         if self.top_k < 0:
             raise ValueError(f"--top-k {self.top_k} must be 0 or more (paper: 50; 0 = no top-k filter)")
+        check_k(self.save_topk)
 
     def describe(self, engine: str = "hf") -> str:
         """Recorded in every line, so a rerun with other settings, or with the other engine, cannot silently extend a
         shard. The HF engine goes unnamed: its shards were written before there was another."""
         greedy = ",".join(map(str, self.greedy_lengths))
         named = "" if engine == "hf" else f" engine={engine}"
+        cached = f" save_topk={self.save_topk}" if self.save_topk else ""
         return (f"greedy={greedy} max_length={self.max_length} temperature={self.temperature:g} "
-                f"top_k={self.top_k} seed={self.seed}{named}")
+                f"top_k={self.top_k} seed={self.seed}{named}{cached}")
 
 
 def resolve_device(device: str | None, environ=os.environ) -> torch.device:
@@ -106,12 +112,15 @@ def sample_top_k(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
 
 @torch.no_grad()
 def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: SamplingConfig,
-                   stop_tokens: set[int] = frozenset()) -> list[list[int]]:
+                   stop_tokens: set[int] = frozenset()) -> Generated:
     """One sequence per start token: `greedy_tokens` top-1 tokens (start token included), then sampled tokens
-    up to `config.max_length`. A row stops after emitting a stop token (kept, as `generate` keeps EOS)."""
+    up to `config.max_length`. A row stops after emitting a stop token (kept, as `generate` keeps EOS).
+    With `config.save_topk`, also each sequence's top-K rows: the distribution every step computed anyway."""
     device = model.device
     uniforms = sequence_uniforms(start_tokens, greedy_tokens, config).to(device)
     sequences = [[token] for token in start_tokens]
+    k = config.save_topk
+    topk = [SequenceTopK.empty(config.max_length, k) for _ in start_tokens] if k else None
     active = list(range(len(start_tokens)))  # batch row -> index in `sequences`
     active_rows = torch.arange(len(start_tokens), device=device)  # the same, on the device
     next_tokens = torch.tensor(start_tokens, device=device)
@@ -119,6 +128,10 @@ def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: S
     cache = DynamicCache()
     for position in range(1, config.max_length):
         logits = model(input_ids=next_tokens.unsqueeze(1), past_key_values=cache, use_cache=True).logits[:, -1]
+        if k:  # the row of position - 1: the distribution the token at `position` comes from
+            values, indices = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            for row, ids, logprobs in zip(active, indices.cpu().numpy(), values.cpu().numpy()):
+                topk[row].ids[position - 1], topk[row].logprobs[position - 1] = ids, logprobs
         if position < greedy_tokens:
             next_tokens = logits.argmax(dim=-1)
         else:
@@ -134,20 +147,22 @@ def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: S
             cache.reorder_cache(keep)
             next_tokens, active_rows = next_tokens[keep], active_rows[keep]
             active = [active[i] for i in keep.tolist()]
-    return sequences
+    if topk:
+        topk = [SequenceTopK(rows.ids[:len(ids)], rows.logprobs[:len(ids)]) for rows, ids in zip(topk, sequences)]
+    return sequences, topk
 
 
 @dataclass
 class HFGenerator:
     """The batched sampler as synthesis's engine (utils/data/synthesis.py): `generator(start_tokens, greedy_tokens)`
-    returns one batch of sequences. utils/data/vllm_engine.py's `VLLMGenerator` is the other engine."""
+    returns one batch of sequences (and their top-K rows). utils/data/vllm_engine.py's `VLLMGenerator` is the other engine."""
 
     model: torch.nn.Module
     config: SamplingConfig
     stop_tokens: set[int]
     engine: ClassVar[str] = "hf"
 
-    def __call__(self, start_tokens: list[int], greedy_tokens: int) -> list[list[int]]:
+    def __call__(self, start_tokens: list[int], greedy_tokens: int) -> Generated:
         return generate_batch(self.model, start_tokens, greedy_tokens, self.config, self.stop_tokens)
 
 

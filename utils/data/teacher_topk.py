@@ -100,10 +100,16 @@ def read_rows(path: Path, first: int, length: int, k: int) -> SequenceTopK:
     if (first + length) * row_bytes(k) > size:
         raise ValueError(f"{path} ends before the top-K rows {first}..{first + length - 1} that a line of its shard "
                          "points to; generate that shard again")
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=first * row_bytes(k), shape=(length, row_bytes(k)))
+    with path.open("rb") as f:
+        f.seek(first * row_bytes(k))
+        return next_rows(f, length, k)
+
+
+def next_rows(stream, length: int, k: int) -> SequenceTopK:
+    """The next `length` rows of an open side-file stream."""
+    raw = np.frombuffer(stream.read(length * row_bytes(k)), np.uint8).reshape(length, row_bytes(k))
     split = k * ID_DTYPE.itemsize
-    return SequenceTopK(np.ascontiguousarray(raw[:, :split]).view(ID_DTYPE),
-                        np.ascontiguousarray(raw[:, split:]).view(LOGPROB_DTYPE))
+    return SequenceTopK(raw[:, :split].copy().view(ID_DTYPE), raw[:, split:].copy().view(LOGPROB_DTYPE))
 
 
 # ---- the store beside a merged file, written by merge_gen_data.py, read by train.py ----

@@ -18,7 +18,6 @@ then map what it built. The kernel drops the lock when its holder exits or is ki
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.safety import atomic_file, file_lock, remove_leftovers, staged_directory
+from utils.safety import atomic_file, file_lock, file_sha256, remove_leftovers, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +115,6 @@ def _source_state(source: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _usable_manifest(directory: Path, source: Path, built_for: dict) -> dict | None:
     manifest = read_manifest(directory)
     if manifest is None or manifest["built_for"] != built_for:
@@ -131,7 +122,7 @@ def _usable_manifest(directory: Path, source: Path, built_for: dict) -> dict | N
     state, recorded = _source_state(source), manifest["source"]
     if all(recorded[key] == value for key, value in state.items()):
         return manifest
-    if recorded["size"] == state["size"] and _sha256(source) == recorded["sha256"]:
+    if recorded["size"] == state["size"] and file_sha256(source) == recorded["sha256"]:
         # The same bytes, copied or touched: hashing is much cheaper than parsing every line again.
         manifest["source"] = {**state, "sha256": recorded["sha256"]}
         _write_json(directory / MANIFEST, manifest)
@@ -144,7 +135,7 @@ def _build(source: Path, directory: Path, sequences: Iterable[Sequence[int]], dt
     remove_leftovers(directory)  # a killed build's: we hold the lock, so none is running
     logger.info("Building the token store %s from %s", directory, source)
     started = time.perf_counter()
-    source_state = {**_source_state(source), "sha256": _sha256(source)}  # before reading: a later edit shows
+    source_state = {**_source_state(source), "sha256": file_sha256(source)}  # before reading: a later edit shows
     # Readers that mapped an old store keep its files until they unmap.
     with staged_directory(directory, replace=True) as building:
         offsets = array("q", [0])

@@ -16,7 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from utils.data.sampler import SamplingConfig, sequence_seed
+from utils.data.sampler import Generated, SamplingConfig, sequence_seed
+from utils.data.teacher_topk import read_rows
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +73,10 @@ class VLLMGenerator:
                         "--max-num-seqs", str(max_num_seqs), "--memory-fraction", str(memory_fraction),
                         "--tensor-parallel-size", str(tensor_parallel_size), "--seed", str(config.seed),
                         *(["--enforce-eager"] if eager else []), *(["--threads", str(threads)] if threads else [])]
+        # Top-K rows come back through a file beside the log: at paper scale a batch's are ~1 GB, too much for JSON.
+        self.topk_file = self.log_path.with_name(self.log_path.name + ".topk")
+        if config.save_topk:
+            self.command += ["--save-topk", str(config.save_topk), "--topk-file", str(self.topk_file)]
         self.environment = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})}
         self.process = None
         self.startup_seconds = None
@@ -95,7 +100,7 @@ class VLLMGenerator:
                           f"{self.log_path})")
         return json.loads(line)
 
-    def __call__(self, start_tokens: list[int], greedy_tokens: int) -> list[list[int]]:
+    def __call__(self, start_tokens: list[int], greedy_tokens: int) -> Generated:
         if self.process is None:
             self.start()
         seeds = [sequence_seed(self.config.seed, token, greedy_tokens) for token in start_tokens]
@@ -105,7 +110,14 @@ class VLLMGenerator:
             self.process.stdin.flush()
         except BrokenPipeError:
             pass  # the child is gone: answer() says why
-        return self.answer()["sequences"]
+        sequences = self.answer()["sequences"]
+        if not self.config.save_topk:
+            return sequences, None
+        first = [0]
+        for ids in sequences:
+            first.append(first[-1] + len(ids))
+        return sequences, [read_rows(self.topk_file, begin, len(ids), self.config.save_topk)
+                           for begin, ids in zip(first, sequences)]
 
     def __enter__(self) -> VLLMGenerator:
         return self
@@ -127,3 +139,4 @@ class VLLMGenerator:
             process.kill()
             process.wait()
         process.stdout.close()
+        self.topk_file.unlink(missing_ok=True)

@@ -11,6 +11,11 @@ sequence ends after a stop token, which it keeps. Two `generate` calls do it: a 
 then a sampled one that continues every prefix not ended yet. (A logits processor could switch within one call, but
 vLLM's are batch-level classes; re-reading a prefix of at most a few tokens costs next to nothing.)
 
+With --save-topk N --topk-file F, every answer also leaves in F (overwritten per request) each sequence's rows in
+order, one per token: N int32 ids then N float32 log-probabilities (utils/data/teacher_topk.py's side-file row),
+from vLLM's raw log-probabilities (the teacher's softmax before temperature and top-k); a sequence's last row is
+ids 0 and log-probabilities -inf.
+
 stdout carries only these lines: whatever vLLM prints goes to stderr. It imports only vLLM and the standard library:
 vLLM pins its own transformers, so nothing of the main environment's stack runs here.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+from array import array
 import json
 import os
 import signal
@@ -36,11 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stop-token-ids", type=int, nargs="*", default=[])
     parser.add_argument("--max-num-seqs", type=int, required=True, help="sequences decoded at once")
     parser.add_argument("--memory-fraction", type=float, required=True,
-                        help="vLLM's gpu_memory_utilization: of the GPU, or on CPU of the RAM (weights + KV cache)")
+                        help="vLLM's share of the GPU's memory; on CPU, the share of the RAM its KV cache takes")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--enforce-eager", action="store_true", help="no graph capture or compilation (CPU)")
     parser.add_argument("--seed", type=int, default=0, help="the engine's seed (every request brings its own)")
+    parser.add_argument("--save-topk", type=int, default=0, help="keep the N most likely tokens of every step")
+    parser.add_argument("--topk-file", help="where each answer's top-K rows go (with --save-topk)")
     return parser.parse_args(argv)
 
 
@@ -53,9 +61,38 @@ def die_with_parent() -> None:
         sys.exit(1)
 
 
+def memory_arguments(fraction: float) -> dict:
+    """LLM(...)'s memory setting. On a GPU, vLLM's share of its memory. On CPU vLLM takes the share of one NUMA node's
+    memory, minus all the process holds (torch, the weights), as its KV cache: on a machine whose node 0 holds 8 GiB,
+    0.1 of it leaves nothing. There the KV cache is given in bytes instead: the share of all of the RAM."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {"gpu_memory_utilization": fraction}
+    return {"kv_cache_memory_bytes": int(fraction * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))}
+
+
 def ended(ids: list[int], max_length: int, stop_tokens: set[int]) -> bool:
     """Full length, or ended by a stop token after the start token (the start token itself never stops a sequence)."""
     return len(ids) >= max_length or (len(ids) > 1 and ids[-1] in stop_tokens)
+
+
+def top_rows(step_logprobs, k: int) -> list[tuple[list[int], list[float]]]:
+    """(ids, log-probabilities) of the k most likely tokens of each step of one output. vLLM gives each step's
+    top-k plus the sampled token, each with its rank."""
+    rows = []
+    for step in step_logprobs:
+        best = sorted((entry.rank, token, entry.logprob) for token, entry in step.items() if entry.rank <= k)
+        rows.append(([token for _, token, _ in best], [logprob for _, _, logprob in best]))
+    return rows
+
+
+def write_rows(path: str, sequences: list[list[int]], rows: list[list[tuple[list[int], list[float]]]], k: int):
+    """Each sequence's rows in side-file layout: row t is the step that chose token t + 1; the last has none."""
+    with open(path, "wb") as out:
+        for ids, steps in zip(sequences, rows):
+            for step_ids, step_logprobs in [*steps, ([0] * k, [float("-inf")] * k)]:
+                out.write(array("i", step_ids).tobytes() + array("f", step_logprobs).tobytes())
 
 
 def hybrid_sequences(engine, start_tokens: list[int], greedy_tokens: int, seeds: list[int],
@@ -64,13 +101,16 @@ def hybrid_sequences(engine, start_tokens: list[int], greedy_tokens: int, seeds:
     from vllm.inputs import TokensPrompt
 
     # Our stop tokens only (the generation config's EOS, as the HF engine stops), no text: the caller decodes.
-    common = dict(ignore_eos=True, stop_token_ids=args.stop_token_ids, detokenize=False)
+    k = args.save_topk
+    common = dict(ignore_eos=True, stop_token_ids=args.stop_token_ids, detokenize=False, logprobs=k or None)
     sequences = [[token] for token in start_tokens]
+    rows = [[] for _ in start_tokens]
     if greedy_tokens > 1:
         outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in sequences],
                                   SamplingParams(temperature=0.0, max_tokens=greedy_tokens - 1, **common), use_tqdm=False)
-        for ids, output in zip(sequences, outputs):
+        for ids, steps, output in zip(sequences, rows, outputs):
             ids.extend(output.outputs[0].token_ids)
+            steps.extend(top_rows(output.outputs[0].logprobs, k) if k else [])
     stop_tokens = set(args.stop_token_ids)
     open_rows = [row for row, ids in enumerate(sequences) if not ended(ids, args.max_length, stop_tokens)]
     if open_rows:
@@ -80,6 +120,9 @@ def hybrid_sequences(engine, start_tokens: list[int], greedy_tokens: int, seeds:
                                   use_tqdm=False)
         for row, output in zip(open_rows, outputs):
             sequences[row].extend(output.outputs[0].token_ids)
+            rows[row].extend(top_rows(output.outputs[0].logprobs, k) if k else [])
+    if k:
+        write_rows(args.topk_file, sequences, rows, k)
     return sequences
 
 
@@ -96,9 +139,9 @@ def main(argv=None) -> None:
 
     # The caller passes token ids and decodes the results: no tokenizer here.
     engine = LLM(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_length,
-                 max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.memory_fraction,
+                 max_num_seqs=args.max_num_seqs, **memory_arguments(args.memory_fraction),
                  tensor_parallel_size=args.tensor_parallel_size, skip_tokenizer_init=True,
-                 enforce_eager=args.enforce_eager)
+                 enforce_eager=args.enforce_eager, max_logprobs=max(args.save_topk, 20))
 
     def answer(message: dict) -> None:
         protocol.write(json.dumps(message) + "\n")

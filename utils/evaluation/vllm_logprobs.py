@@ -15,6 +15,8 @@ import argparse
 import json
 import os
 
+from utils.data.vllm_generate import memory_arguments
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,8 +34,8 @@ def main() -> None:
 
     with open(args.sequences) as handle:
         sequences = json.load(handle)
-    # On CPU gpu_memory_utilization is the share of RAM vLLM reserves for its KV cache; eager: no graph capture.
-    engine = LLM(model=args.model, dtype=args.dtype, gpu_memory_utilization=0.1, enforce_eager=True, seed=0,
+    # A KV cache of 5 % of the RAM (the GPU's memory); eager: no graph capture.
+    engine = LLM(model=args.model, dtype=args.dtype, **memory_arguments(0.05), enforce_eager=True, seed=0,
                  max_model_len=max(map(len, sequences)) + 1)
     captured = {}
     if args.linears:
