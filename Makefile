@@ -49,7 +49,8 @@ vllm: .venv-vllm/.installed
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q   # the tests never need the network
 
-demo: setup
+# ENGINE=vllm make demo: the data written by vLLM, whose environment it builds first
+demo: setup $(if $(filter vllm,$(ENGINE)),vllm)
 	bash scripts/demo.sh
 
 table: setup baselines

@@ -32,12 +32,13 @@ def options(group_size: int) -> list[QATConfig]:
             for placement in ("pre_rope", "post_rope") for group in (None, group_size)]
 
 
-def demo_results(config: QATConfig, out: Path) -> dict[str, dict]:
-    """RTN and QAT metrics of one setting, from `scripts/demo.sh` (reused when its result files exist)."""
+def demo_results(config: QATConfig, out: Path, **demo_settings: str) -> dict[str, dict]:
+    """RTN and QAT metrics of one setting, from `scripts/demo.sh` (reused when its result files exist), with
+    `demo_settings` as further environment variables of the demo (ENGINE="vllm", ...)."""
     env = {**os.environ, "OUT": str(out), "W_BITS": str(config.w_bits), "A_BITS": str(config.a_bits),
            "KV_BITS": str(config.kv_bits), "W_GROUP_SIZE": str(config.w_group_size or ""),
            "KV_PLACEMENT": config.kv_placement, "RECIPE": config.recipe, "ROTATE": config.rotate,
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, **demo_settings}
     subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, check=True)
     return {json.loads(path.read_text())["method"]: json.loads(path.read_text())["metrics"]
             for path in (out / "results").glob("*.json")

@@ -3,6 +3,8 @@
 #   synthesize data (hybrid sampling) -> evaluate FP and RTN -> QAT (run_train.sh) -> evaluate QAT -> report.
 # A rerun reuses the data and the trained student when their settings are unchanged. Sizes are below; raise
 # them (environment variables) on a GPU, e.g. NUM_START_TOKENS=2000 SEQ_LEN=1024 make demo.
+#   ENGINE=vllm make demo      the data written by vLLM (make vllm first; `make demo` does it then)
+#   TEACHER=cached make demo   the data with the teacher's top-32 log-probs, and QAT without loading the teacher
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,14 +20,27 @@ EPOCHS=${EPOCHS:-1}
 LEARNING_RATE=${LEARNING_RATE:-1e-4}
 BATCH_SIZE=${BATCH_SIZE:-4}
 SEED=${SEED:-0}
+ENGINE=${ENGINE:-hf}                            # hf or vllm: which engine writes the data
+TEACHER=${TEACHER:-model}                       # model: KD from the teacher; cached: from its saved top-K log-probs
+SAVE_TOPK=${SAVE_TOPK:-32}                      # K of TEACHER=cached
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
 BITS="W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")"
 rtn_options=(--kv-placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && rtn_options+=(--w-group-size "$W_GROUP_SIZE")
-DATA_DIR="$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}"
-QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}"
+case "$ENGINE/$TEACHER" in
+  hf/model|hf/cached|vllm/model|vllm/cached) ;;
+  *) echo "[demo] ENGINE=$ENGINE TEACHER=$TEACHER: use ENGINE=hf or vllm, TEACHER=model or cached" >&2; exit 2 ;;
+esac
+generate_options=(--engine "$ENGINE")
+train_options=()
+if [ "$TEACHER" = cached ]; then
+  generate_options+=(--save-topk "$SAVE_TOPK")
+  train_options+=(--teacher cached)
+fi
+DATA_DIR="$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")$([ "$TEACHER" = model ] || echo "-topk$SAVE_TOPK")"
+QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo -cached)"
 RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS"
 TIMINGS="$OUT/timings.md"
@@ -48,7 +63,7 @@ synthesize() {
   fi
   # generate_data.py resumes an interrupted shard by itself; merging is the step that marks the data complete.
   "$PYTHON" generate_data.py --output-dir "$DATA_DIR" --num-start-tokens "$NUM_START_TOKENS" \
-    --max-length "$SEQ_LEN" --seed "$SEED"
+    --max-length "$SEQ_LEN" --seed "$SEED" "${generate_options[@]}"
   "$PYTHON" merge_gen_data.py "$DATA_DIR" --output "$DATA_DIR/all.jsonl" --heldout "$HELDOUT_START_TOKENS" \
     --seed "$SEED" --force
 }
@@ -68,14 +83,14 @@ train() {
   DATA="$DATA_DIR/all.jsonl" OUTPUT_DIR="$QAT_DIR" CPU_MAX_LENGTH="$SEQ_LEN" CPU_BATCH_SIZE="$BATCH_SIZE" \
     CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" W_GROUP_SIZE="$W_GROUP_SIZE" \
     KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" ROTATE="$ROTATE" \
-    bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED"
+    bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED" "${train_options[@]}"
 }
 
 stage "1. environment and embedded model" "$PYTHON" -c "from utils.training.loading import embedded_model_dir; print('[demo] teacher cached at', embedded_model_dir())"
-stage "2. synthesize data ($NUM_START_TOKENS start tokens x 3, $SEQ_LEN tokens)" synthesize
+stage "2. synthesize data ($NUM_START_TOKENS start tokens x 3, $SEQ_LEN tokens, engine $ENGINE)" synthesize
 stage "3a. evaluate FP teacher" evaluate fp default
 stage "3b. evaluate RTN $BITS" evaluate "rtn-$BITS" default "$W_BITS" "$A_BITS" "$KV_BITS" "${rtn_options[@]}"
-stage "4. QAT $BITS (scripts/run_train.sh)" train
+stage "4. QAT $BITS (scripts/run_train.sh, teacher $TEACHER)" train
 stage "5. evaluate QAT $BITS" evaluate "qat-$BITS" "$QAT_DIR"
 stage "6. report" "$PYTHON" scripts/compare.py "$RESULTS/fp.json" "$RESULTS/rtn-$BITS.json" "$RESULTS/qat-$BITS.json" --out "$OUT"
 echo "| total | $((SECONDS - demo_start)) |" >> "$TIMINGS"

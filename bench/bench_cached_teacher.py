@@ -1,0 +1,62 @@
+"""KD from the teacher's cached top-K log-probs (train.py --teacher cached) against KD from the teacher itself, at
+equal steps on the demo's data and budget: held-out perplexity, KL to the full teacher and top-1 agreement, and
+the training time without the teacher's forward.
+
+    python bench/bench_cached_teacher.py                    # embedded SmolLM2-135M, CPU: about 30 minutes
+    python bench/bench_cached_teacher.py --ks 32 --out bench_output/cached_teacher
+
+Each setting runs `scripts/demo.sh` in its own folder: `make demo` for the full teacher, `TEACHER=cached
+SAVE_TOPK=K make demo` for each K. The HF engine writes the same sequences with or without --save-topk
+(tests/test_synthesis.py), so every student trains on the same text for the same steps; only its targets differ.
+The memory the absent teacher saves is `scripts/plan_memory.py --teacher cached` (and bench/bench_memory.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from bench_options import demo_results
+from models.quantize import QATConfig
+
+KS = (8, 32, 128)
+
+
+def training_record(out: Path) -> dict:
+    """The QAT run's own timing (trainer_state.json of the student the demo trained)."""
+    (state_file,) = out.glob("qat-*/trainer_state.json")
+    state = json.loads(state_file.read_text())
+    summary = next(entry for entry in state["log_history"] if "train_runtime" in entry)
+    return {"steps": state["global_step"], "seconds": summary["train_runtime"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="K of each cached run")
+    parser.add_argument("--bits", default="4-8-4", help="W-A-KV of the student (default: %(default)s)")
+    parser.add_argument("--out", default="bench_output/cached_teacher", help="one demo folder per setting in it")
+    args = parser.parse_args()
+    config = QATConfig(*map(int, args.bits.split("-")))
+    out = Path(args.out)
+    settings = [("teacher model", out / "model", {})] + [
+        (f"cached top-{k}", out / f"topk{k}", {"TEACHER": "cached", "SAVE_TOPK": str(k)}) for k in args.ks]
+    rows = [(name, demo_results(config, folder, **env), training_record(folder)) for name, folder, env in settings]
+
+    fp = json.loads((out / "model" / "results" / "fp.json").read_text())["metrics"]["heldout_perplexity"]
+    rtn = rows[0][1]["rtn"]["heldout_perplexity"]
+    full_kl = rows[0][1]["qat"]["kl_to_teacher"]
+    print(f"\nembedded SmolLM2-135M, W{config.w_bits}A{config.a_bits}KV{config.kv_bits}, demo data and budget; "
+          f"FP held-out ppl {fp:.2f}, RTN {rtn:.2f}\n")
+    print("| teacher | held-out ppl | KL to teacher | KL vs full KD | top-1 (%) | log-ppl gap closed | steps | "
+          "s / step |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, results, training in rows:
+        qat = results["qat"]
+        closed = (math.log(rtn) - math.log(qat["heldout_perplexity"])) / (math.log(rtn) - math.log(fp))
+        print(f"| {name} | {qat['heldout_perplexity']:.2f} | {qat['kl_to_teacher']:.4f} | "
+              f"{100 * (qat['kl_to_teacher'] / full_kl - 1):+.1f} % | {100 * qat['top1_agreement']:.1f} | "
+              f"{100 * closed:.1f} % | {training['steps']} | {training['seconds'] / training['steps']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
