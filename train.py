@@ -6,6 +6,8 @@ Every Hugging Face `TrainingArguments` option works (resume, logging, --fsdp, --
 below are the released LLaMA-7B recipe: 1 epoch, AdamW, lr 2e-5, cosine, no warmup, weight decay 0, batch 1 per
 device, sequence length 2048, checkpoints every 2000 steps. The quantizer flags are the fields of
 `models.quantize.QATConfig`. `scripts/run_train.sh W A KV` is the usual launcher; it runs `--check_only` first.
+`--teacher cached` distils from the teacher's top-K log-probabilities cached with the data (generate_data.py
+--save-topk K, then merge_gen_data.py) instead of loading and running the teacher.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from models.checkpoint import damaged_weight_file, saved_settings, write_remote_code
 from models.quantize import QATConfig, quantize_model, quantized_modules
-from utils.data.dataset import PadCollator, TokenSequenceDataset
+from utils.data.dataset import PadCollator, TokenSequenceDataset, check_packing
 from utils.data.records import TeacherIdentity, model_display_name
 from utils.safety import check_positions, ensure_writable_dir, user_errors
-from utils.training.kd_trainer import LOSSES, REDUCTIONS, KDTrainer
+from utils.training.kd_trainer import CACHED_TEACHER, LOSSES, REDUCTIONS, TEACHERS, KDTrainer
 from utils.training.loading import load_model, load_tokenizer, load_weightless_model, resolve_model_path
 
 logger = logging.getLogger("train")
@@ -67,10 +69,18 @@ class DistillationArguments:
     kd_reduction: str = field(default="batchmean", metadata={"help": f"KL normalisation: {' or '.join(REDUCTIONS)}"})
     loss: str = field(default="kd", metadata={"help": "kd: KL to the teacher's logits (the paper's method); ce: "
                                                       "next-token cross-entropy on the data, no teacher (its ablation)"})
+    teacher: str = field(default="model", metadata={"help": "model: load and run the teacher; cached: its top-K "
+                                                            "log-probs cached with the data (generate_data.py "
+                                                            "--save-topk), no teacher loaded"})
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"--loss {self.loss!r} is not supported; use {' or '.join(LOSSES)}")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"--teacher {self.teacher!r} is not supported; use {' or '.join(TEACHERS)}")
+        if self.teacher == CACHED_TEACHER and self.loss == "ce":
+            raise ValueError("--teacher cached distils from the teacher's cached log-probs, but --loss ce uses no "
+                             "teacher; drop --teacher cached or use --loss kd")
         if self.kd_reduction not in REDUCTIONS:
             raise ValueError(f"--kd_reduction {self.kd_reduction!r} is not supported; use {' or '.join(REDUCTIONS)}")
 
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.set_defaults(**TRAIN_DEFAULT_BITS)
     model_args, data_args, quant_args, kd_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     qat_config = QATConfig.from_flags(**asdict(quant_args))  # bad settings fail here, before any model is loaded
+    cached_teacher = kd_args.teacher == CACHED_TEACHER
+    check_packing(data_args.packing, cached_teacher)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
 
@@ -205,15 +217,21 @@ def main(argv: list[str] | None = None) -> None:
     vocab_size = model_config.vocab_size
     teacher_id = TeacherIdentity.of(model_display_name(model_args.model_name_or_path), tokenizer, vocab_size)
     dataset = TokenSequenceDataset(data_args.data_path, data_args.model_max_length, tokenizer, data_args.packing,
-                                   teacher=teacher_id, vocab_size=vocab_size)
+                                   teacher=teacher_id, vocab_size=vocab_size, teacher_topk=cached_teacher)
     # A QAT checkpoint given as the model loads its float (latent) weights: they are the teacher and the start.
     # Two loads rather than a deepcopy: under DeepSpeed ZeRO-3 each load is partitioned as it happens.
-    teacher = (load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32, training_args)
-               if kd_args.loss == "kd" else None)
+    if kd_args.loss == "ce":
+        teacher, teacher_note = None, "next-token loss, no teacher"
+    elif cached_teacher:
+        teacher = CACHED_TEACHER
+        teacher_note = f"teacher: cached top-K (K = {dataset.teacher_topk.k}) from {dataset.teacher_topk.directory}"
+    else:
+        teacher = load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32,
+                                   training_args)
+        teacher_note = f"teacher frozen in {teacher.dtype}"
     student = quantize_model(load_float_model(model_path, torch.float32, training_args), qat_config)
     logger.info("Student W%dA%dKV%d: %d quantized linear layers; %s", qat_config.w_bits, qat_config.a_bits,
-                qat_config.kv_bits, len(quantized_modules(student)),
-                f"teacher frozen in {teacher.dtype}" if teacher is not None else "next-token loss, no teacher")
+                qat_config.kv_bits, len(quantized_modules(student)), teacher_note)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, loss=kd_args.loss,
                         args=training_args,

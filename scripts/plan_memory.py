@@ -7,14 +7,15 @@
 config.json path; several give one column each. Parameters are counted on a meta-device model, so nothing is
 downloaded or allocated. Prints a markdown table, the verdict, and for a model that does not fit, the single
 changes that would make it fit (more GPUs, CPU offload, shorter sequences, a smaller micro-batch).
+--teacher cached plans train.py --teacher cached: no teacher weights or logits, the data's top-K rows instead.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from utils.training.memory_plan import (PRECISION_BYTES, TrainingSetup, format_plans, load_config, model_shape,
-                               plan_memory, plans_to_json)
+from utils.training.memory_plan import (PRECISION_BYTES, TEACHERS, TrainingSetup, format_plans, load_config,
+                                        model_shape, plan_memory, plans_to_json)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -49,12 +50,17 @@ def main(argv: list[str] | None = None) -> None:
                         help='FSDP CPU offload of the student\'s weights, gradients and AdamW (--fsdp "full_shard '
                              'offload auto_wrap")')
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--teacher", choices=TEACHERS, default="model",
+                        help="model: the bf16 teacher runs beside the student; cached: its top-K log-probs come with "
+                             "the data (train.py --teacher cached)")
+    parser.add_argument("--topk", type=positive(int), default=32, help="K of the cached teacher's rows")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
     setup = TrainingSetup(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, seq_len=args.seq_len,
                           batch_size=args.batch_size, precision=args.precision,
-                          gradient_checkpointing=not args.no_gradient_checkpointing, offload=args.offload)
+                          gradient_checkpointing=not args.no_gradient_checkpointing, offload=args.offload,
+                          teacher=args.teacher, topk=args.topk)
     try:
         plans = [plan_memory(model_shape(load_config(model), name=model), setup) for model in args.model]
     except (OSError, ValueError) as err:  # missing file, bad JSON, not a LLaMA-family config

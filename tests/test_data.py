@@ -1,12 +1,15 @@
 """The .jsonl training dataset and its collator."""
+import hashlib
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from utils.data.dataset import PadCollator, TokenSequenceDataset, read_token_sequences
+from utils.data.dataset import TEACHER_TOPK_KEYS, PadCollator, TokenSequenceDataset, read_token_sequences
 from utils.data.records import TeacherIdentity
+from utils.data.teacher_topk import SequenceTopK, write_store
 
 
 class WordTokenizer:
@@ -101,3 +104,55 @@ def test_token_ids_outside_the_vocabulary_name_file_and_line(tmp_path, bad_id):
     data = write_lines(tmp_path / "d.jsonl", [{"input_ids": [1, 2]}, {"input_ids": [3, bad_id]}])
     with pytest.raises(ValueError, match=rf"d\.jsonl:2 .*token id {bad_id} is outside the vocabulary \(0..127\)"):
         TokenSequenceDataset(data, max_length=8, vocab_size=128)
+
+
+def numbered_topk_rows(lines, k):
+    """Rows that say where they belong: id = 1000 * line + position (+ column), log-probability -(position + 1)."""
+    rows = []
+    for line, record in enumerate(lines):
+        length = len(record["input_ids"])
+        ids = 1000 * line + np.arange(length)[:, None] + np.arange(k)
+        logprobs = np.repeat(-(np.arange(length, dtype=np.float32) + 1)[:, None], k, axis=1)
+        rows.append(SequenceTopK(ids.astype(np.int32), logprobs))
+    return rows
+
+
+def test_examples_carry_the_cached_teacher_rows_of_their_own_positions(tmp_path):
+    lines = [{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7]}, {"input_ids": [8, 9, 10]}]
+    data = write_lines(tmp_path / "d.jsonl", lines)
+    write_store(data, numbered_topk_rows(lines, k=3), hashlib.sha256(data.read_bytes()).hexdigest())
+    dataset = TokenSequenceDataset(data, max_length=4, teacher_topk=True)
+    assert dataset.teacher_topk.k == 3
+    for line, example in enumerate(dataset):
+        length = len(example["input_ids"])
+        assert length == min(len(lines[line]["input_ids"]), 4)
+        np.testing.assert_array_equal(example[TEACHER_TOPK_KEYS[0]][:, 0], 1000 * line + np.arange(length))
+        np.testing.assert_array_equal(example[TEACHER_TOPK_KEYS[1]][:, 0], -(np.arange(length) + 1))
+    assert set(TokenSequenceDataset(data, max_length=4)[0]) == {"input_ids"}  # without the option: ids only
+
+    write_lines(data, lines[:2])  # the data changed since the store was written
+    with pytest.raises(ValueError, match=r"d\.jsonl\.topk belongs to another version of .*d\.jsonl; generate the data"):
+        TokenSequenceDataset(data, max_length=4, teacher_topk=True)
+    with pytest.raises(ValueError, match=r"^--packing cannot be used with the cached teacher \(--teacher cached\): "
+                                         "packed blocks cross sequences"):
+        TokenSequenceDataset(data, max_length=2, packing=True, teacher_topk=True)
+
+
+def test_cached_teacher_without_a_store_is_a_clear_error(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", [{"input_ids": [1, 2, 3]}])
+    with pytest.raises(FileNotFoundError, match=r"d\.jsonl has no teacher top-K store .*--save-topk K"):
+        TokenSequenceDataset(data, max_length=4, teacher_topk=True)
+
+
+def test_collator_pads_cached_teacher_rows_with_rows_without_a_distribution():
+    long, short = SequenceTopK.empty(3, 2), SequenceTopK.empty(1, 2)
+    long.ids[:], long.logprobs[:] = [[5, 6], [7, 8], [9, 10]], -0.5
+    short.ids[:], short.logprobs[:] = [[11, 12]], -0.25
+    batch = PadCollator(pad_token_id=0)([{"input_ids": ids, TEACHER_TOPK_KEYS[0]: rows.ids,
+                                          TEACHER_TOPK_KEYS[1]: rows.logprobs}
+                                         for ids, rows in (([1, 2, 3], long), ([4], short))])
+    ids, logprobs = batch[TEACHER_TOPK_KEYS[0]], batch[TEACHER_TOPK_KEYS[1]]
+    assert ids.dtype == torch.long and logprobs.dtype == torch.float32 and ids.shape == logprobs.shape == (2, 3, 2)
+    assert torch.equal(ids, torch.tensor([[[5, 6], [7, 8], [9, 10]], [[11, 12], [0, 0], [0, 0]]]))
+    assert torch.equal(logprobs[0], torch.full((3, 2), -0.5)) and torch.equal(logprobs[1, 0], torch.full((2,), -0.25))
+    assert torch.equal(logprobs[1, 1:], torch.full((2, 2), float("-inf")))

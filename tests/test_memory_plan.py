@@ -107,6 +107,24 @@ def test_paper_models_on_8_gpus(llama_shapes):
     assert [offloaded.bytes_of(name) for name in ("student weights", "student gradients", "AdamW state")] == [0] * 3
 
 
+def test_the_cached_teacher_saves_the_teacher_weights_and_logits_and_adds_its_rows(llama_shapes):
+    shape = llama_shapes["llama-30b"]
+    setup = TrainingSetup(gpus=8, gpu_memory_gib=80)
+    with_model = plan_memory(shape, setup)
+    cached = plan_memory(shape, replace(setup, teacher="cached", topk=32))
+    tokens = 2048
+    teacher_weights = 2 * shape.parameters / 8  # bf16, 1/8 shard
+    teacher_logits = tokens * shape.vocab_size * 2  # bf16 [tokens, vocab]
+    cached_rows = tokens * 32 * (8 + 4)  # int64 ids + float32 log-probs
+    assert cached.bytes_of("teacher weights") == 0
+    assert with_model.subtotal - cached.subtotal == teacher_weights + teacher_logits - cached_rows
+    assert with_model.total - cached.total == pytest.approx((1 + FRAGMENTATION) * (with_model.subtotal
+                                                                                    - cached.subtotal))
+    unchanged = [c.name for c in with_model.components if c.name not in ("teacher weights", "logits and KD loss")]
+    assert all(with_model.bytes_of(name) == cached.bytes_of(name) for name in unchanged)
+    assert not with_model.fits and cached.total < with_model.total - 7 * GIB
+
+
 def test_each_suggestion_is_the_smallest_change_that_fits(llama_shapes):
     plan = plan_memory(llama_shapes["llama-13b"], TrainingSetup(gpus=8, gpu_memory_gib=40, batch_size=8))
     assert not plan.fits
@@ -139,6 +157,14 @@ def test_cli_prints_the_table_and_json(capsys):
     assert result["parameters"] == 6_738_415_616 and not result["fits"]
     assert result["total_gib"] == pytest.approx(sum(result["components_gib"].values()) + result["margin_gib"])
     assert result["components_gib"]["AdamW state"] == pytest.approx(8 * 6_738_415_616 / GIB)
+    cli.main(["--model", "llama-30b", "--teacher", "cached", "--topk", "64", "--json"])
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["setup"]["teacher"] == "cached" and result["setup"]["topk"] == 64
+    assert result["components_gib"]["teacher weights"] == 0
+    cli.main(["--model", "llama-7b", "--teacher", "cached"])
+    printed = capsys.readouterr().out
+    assert ", cached teacher top-32" in printed.splitlines()[0]
+    assert "| teacher weights | 0.0 | none: cached top-K log-probs |" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -147,6 +173,8 @@ def test_cli_prints_the_table_and_json(capsys):
     (["--gpu-memory", "-8"], "argument --gpu-memory: must be a positive number, got '-8'"),
     (["--seq-len", "1.5"], "argument --seq-len: must be a positive integer, got '1.5'"),
     (["--batch-size", "none"], "argument --batch-size: must be a positive integer, got 'none'"),
+    (["--teacher", "logits"], "argument --teacher: invalid choice: 'logits'"),
+    (["--topk", "0"], "argument --topk: must be a positive integer, got '0'"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as refused:

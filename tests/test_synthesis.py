@@ -285,6 +285,30 @@ def test_generate_then_merge_from_the_command_line(tmp_path, monkeypatch, capsys
     assert {tuple(r["input_ids"]) for r in merged} == {tuple(r["input_ids"]) for r in records}
 
 
+@pytest.mark.slow
+def test_cached_top_k_from_generate_data_to_the_training_dataset(tmp_path, monkeypatch, capsys):
+    """generate_data.py --save-topk, merge_gen_data.py and the dataset of train.py --teacher cached: every example's
+    rows are the teacher's top-K at its positions."""
+    import generate_data
+    import merge_gen_data
+    from utils.data.dataset import TEACHER_TOPK_KEYS, TokenSequenceDataset
+    from utils.training.loading import load_model
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "gen"
+    generate_data.main(["--num-start-tokens", "4", "--max-length", "7", "--greedy-lengths", "3", "--save-topk", "4",
+                        "--output-dir", str(out), "--device", "cpu"])
+    merge_gen_data.main([str(out), "--output", str(out / "all.jsonl"), "--heldout", "1"])
+    assert "teacher top-4 log-probs of every token" in capsys.readouterr().out
+    dataset = TokenSequenceDataset(out / "all.jsonl", 5, teacher_topk=True)  # truncated: rows sliced alike
+    teacher = load_model(quantized=False)
+    assert len(dataset) == 3
+    for example in dataset:
+        ids, logprobs = (np.asarray(example[key]) for key in TEACHER_TOPK_KEYS)
+        reference = teacher_forced_log_probs(teacher, example["input_ids"]).topk(4, dim=-1)
+        assert (ids == reference.indices.numpy()).all()  # 5 of 7 tokens: every row has a distribution
+        torch.testing.assert_close(torch.from_numpy(logprobs).double(), reference.values, atol=1e-4, rtol=0)
+
+
 def test_bad_command_lines_fail_with_one_line(tmp_path, capsys):
     import generate_data
     blocker = tmp_path / "a_file"

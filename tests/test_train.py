@@ -1,15 +1,19 @@
 """train.py end to end on a tiny model: checkpoint round trip, resume, and a two-process run."""
 import contextlib
 import errno
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers.modeling_utils
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
@@ -17,7 +21,10 @@ from transformers import AutoModelForCausalLM
 import train
 from conftest import save_tiny_teacher
 from models import QuantLinear
-from models.quantize import QATConfig
+from models.quantize import QATConfig, quantize_model
+from utils.data.dataset import TEACHER_TOPK_KEYS, PadCollator
+from utils.data.teacher_topk import SequenceTopK, write_store
+from utils.training.kd_trainer import cached_kd_loss
 from utils.training.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +45,19 @@ def train_args(root, output, *extra):
     return ["--model_name_or_path", str(root / "teacher"), "--data_path", str(root / "data.jsonl"),
             "--output_dir", str(output), "--model_max_length", "16", "--w_bits", "4", "--a_bits", "8",
             "--kv_bits", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--use_cpu", *extra]
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    """The model loads train.py makes, by path and dtype."""
+    loads = []
+
+    def load(path, dtype, training_args):
+        loads.append((path, dtype))
+        return load_model(path, dtype, quantized=False)
+
+    monkeypatch.setattr(train, "load_float_model", load)
+    return loads
 
 
 def logged_losses(output):
@@ -170,17 +190,13 @@ def test_rotated_student_trains_from_the_unrotated_teacher_and_reloads(tiny_teac
         train.main(train_args(tiny_teacher_dir, tmp_path / "other", "--rotate", "hadamard"))
 
 
-def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_teacher_dir, tmp_path, monkeypatch):
+def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_teacher_dir, tmp_path, model_loads):
     """--loss ce (the paper's label ablation): the logged first loss is the student's next-token cross-entropy on
     the first batch, padding excluded; no teacher is loaded."""
-    loads = []
-    monkeypatch.setattr(train, "load_float_model", lambda *a, **k: loads.append(a) or load_model(a[0], a[1], quantized=False))
     output = tmp_path / "out"
     train.main(train_args(tiny_teacher_dir, output, "--max_steps", "1", "--per_device_train_batch_size", "4",
                           "--loss", "ce", "--dataloader_drop_last", "false", "--seed", "0"))
-    assert len(loads) == 1  # the student only
-    from models.quantize import QATConfig, quantize_model
-    from utils.data.dataset import PadCollator
+    assert len(model_loads) == 1  # the student only
     student = quantize_model(load_model(tiny_teacher_dir / "teacher", quantized=False), QATConfig(4, 8, 4))
     rows = [json.loads(line)["input_ids"][:16] for line in (tiny_teacher_dir / "data.jsonl").read_text().splitlines()]
     batch = PadCollator(0)([{"input_ids": ids} for ids in rows])
@@ -190,6 +206,56 @@ def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_t
     assert logged_losses(output)[0] == pytest.approx(expected, rel=1e-3)
     with pytest.raises(ValueError, match="--loss 'mse' is not supported"):
         train.DistillationArguments(loss="mse")
+
+
+def teacher_topk_rows(teacher_dir, data, k):
+    """Every line's rows as generate_data.py --save-topk caches them: the teacher's top-K at each position, none
+    at the last."""
+    teacher = load_model(teacher_dir, quantized=False)
+    rows = []
+    for line in data.read_text().splitlines():
+        with torch.no_grad():
+            logits = teacher(torch.tensor([json.loads(line)["input_ids"]])).logits[0]
+        logprobs, ids = F.log_softmax(logits.float(), -1).topk(k, -1)
+        rows.append(SequenceTopK(ids.int().numpy(), logprobs.numpy()))
+        rows[-1].ids[-1], rows[-1].logprobs[-1] = 0, -np.inf
+    return rows
+
+
+def test_cached_teacher_trains_from_the_top_k_stored_with_the_data(tiny_teacher_dir, tmp_path, model_loads, caplog):
+    """--teacher cached: no teacher is loaded; the logged first loss is the cached KL of the first batch, each
+    position beside its own cached row."""
+    data = tmp_path / "data.jsonl"
+    shutil.copy(tiny_teacher_dir / "data.jsonl", data)
+    rows = teacher_topk_rows(tiny_teacher_dir / "teacher", data, k=8)
+    store = write_store(data, rows, hashlib.sha256(data.read_bytes()).hexdigest())
+    output = tmp_path / "out"
+    args = train_args(tiny_teacher_dir, output, "--max_steps", "2", "--per_device_train_batch_size", "4",
+                      "--teacher", "cached", "--seed", "0")
+    args[args.index("--data_path") + 1] = str(data)
+    with caplog.at_level("INFO", logger="train"):
+        train.main(args)
+    assert len(model_loads) == 1  # the student only
+    assert f"teacher: cached top-K (K = 8) from {store.directory}" in caplog.text
+    assert isinstance(load_model(output).model.layers[0].self_attn.k_proj, QuantLinear)
+
+    student = quantize_model(load_model(tiny_teacher_dir / "teacher", quantized=False), QATConfig(4, 8, 4))
+    lines = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]  # all shorter than 16
+    batch = PadCollator(0)([{"input_ids": ids, **dict(zip(TEACHER_TOPK_KEYS, (r.ids, r.logprobs)))}
+                            for ids, r in zip(lines, rows)])
+    with torch.no_grad():
+        logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = cached_kd_loss(logits, *(batch[key] for key in TEACHER_TOPK_KEYS), batch["attention_mask"])
+    first, second = logged_losses(output)
+    assert first == pytest.approx(expected.item(), rel=1e-3) and second < first
+
+
+def test_cached_teacher_without_a_store_stops_before_loading_a_model(tiny_teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "load_float_model", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(FileNotFoundError, match=r"^\S*data\.jsonl has no teacher top-K store \(\S*data\.jsonl\.topk\); "
+                                                "generate the data with generate_data.py --save-topk K"):
+        train.main(train_args(tiny_teacher_dir, tmp_path / "o", "--teacher", "cached"))
+    assert not (tmp_path / "o" / "config.json").exists()
 
 
 def test_kd_trainer_refuses_a_loss_that_does_not_match_its_teacher(tiny_teacher_dir, tmp_path):
@@ -259,6 +325,10 @@ def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_checkpoint_to_resume(ti
     (("--num_train_epochs", "-1"), "--num_train_epochs -1 trains nothing"),
     (("--max_steps", "0"), "--max_steps 0 trains nothing"),
     (("--model_max_length", "4096"), r"--model_max_length 4096 is longer than the model's 2048 positions"),
+    (("--teacher", "cached", "--loss", "ce"), "--teacher cached distils from the teacher's cached log-probs, but "
+                                              "--loss ce uses no teacher; drop --teacher cached or use --loss kd"),
+    (("--teacher", "cached", "--packing"), r"--packing cannot be used with the cached teacher \(--teacher cached\)"),
+    (("--teacher", "logits"), "--teacher 'logits' is not supported; use model or cached"),
 ])
 def test_a_run_that_would_not_train_as_asked_is_refused_before_loading_anything(tiny_teacher_dir, tmp_path,
                                                                                  monkeypatch, flags, message):

@@ -4,6 +4,8 @@ Each line gives `input_ids` (exact token ids, preferred: no re-tokenization drif
 (utils/data/records.py). Sequences are truncated to `max_length` (the released code's behaviour), or, with
 `packing`, concatenated and cut into blocks of exactly `max_length` tokens so no position is padding. The dataset reads its examples from the token
 store beside the .jsonl (utils/data/token_store.py), built on first use, so its memory does not grow with the data.
+With `teacher_topk`, each example also carries the teacher's top-K log-probabilities of its positions, cached with
+the data (utils/data/teacher_topk.py), for KD without a resident teacher.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import torch
 from torch.utils.data.dataset import Dataset
 
 from utils.data.records import TeacherIdentity, read_sequence, tokenizer_hash
+from utils.data.teacher_topk import open_teacher_topk
 from utils.data.token_store import MAX_VOCAB_SIZE, open_token_store
 
 logger = logging.getLogger(__name__)
+TEACHER_TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")  # an example's [length, K] cached teacher rows
 
 
 def existing_data_file(path: str | Path) -> Path:
@@ -54,6 +58,14 @@ def iter_token_sequences(path: str | Path, tokenizer=None, teacher: TeacherIdent
         raise ValueError(f"data file {path} is empty; generate data first (generate_data.py)")
 
 
+def check_packing(packing: bool, teacher_topk: bool) -> None:
+    """Packed blocks cross sequences, and each sequence's cached rows were computed without the one before it in
+    context: they are not the teacher's distribution at those positions of a block."""
+    if packing and teacher_topk:
+        raise ValueError("--packing cannot be used with the cached teacher (--teacher cached): packed blocks cross "
+                         "sequences, whose cached top-K saw no earlier sequence; drop --packing or use --teacher model")
+
+
 def read_token_sequences(path: str | Path, tokenizer=None, teacher: TeacherIdentity | None = None,
                          vocab_size: int | None = None) -> list[list[int]]:
     """`iter_token_sequences` as a list: for small files (held-out evaluation)."""
@@ -62,12 +74,14 @@ def read_token_sequences(path: str | Path, tokenizer=None, teacher: TeacherIdent
 
 class TokenSequenceDataset(Dataset):
     """Examples sliced from the memory-mapped token store of `path`: truncated sequences, or packed blocks (the
-    store's ids are already the concatenation of all sequences)."""
+    store's ids are already the concatenation of all sequences). With `teacher_topk`, the teacher's cached top-K
+    rows of the same positions too (`self.teacher_topk`, keys TEACHER_TOPK_KEYS); not with packing."""
 
     def __init__(self, path: str | Path, max_length: int, tokenizer=None, packing: bool = False,
-                 teacher: TeacherIdentity | None = None, vocab_size: int | None = None):
+                 teacher: TeacherIdentity | None = None, vocab_size: int | None = None, teacher_topk: bool = False):
         if max_length < 1:
             raise ValueError(f"--model_max_length {max_length} must be at least 1")
+        check_packing(packing, teacher_topk)
         path = existing_data_file(path)
         # What the stored ids depend on besides the file's bytes (whose token ids, which tokenizer for `text` lines):
         # a store built for another model is built, and checked, again.
@@ -77,6 +91,9 @@ class TokenSequenceDataset(Dataset):
         self.store = open_token_store(path, iter_token_sequences(path, tokenizer, teacher, id_limit), vocab_size,
                                       built_for)
         self.max_length, self.packing = max_length, packing
+        manifest = self.store.manifest
+        self.teacher_topk = (open_teacher_topk(path, manifest["source"]["sha256"], manifest["tokens"],
+                                               manifest["sequences"]) if teacher_topk else None)
         if packing:
             self.num_examples = len(self.store.tokens) // max_length
             if not self.num_examples:
@@ -95,14 +112,22 @@ class TokenSequenceDataset(Dataset):
     def __getitem__(self, index):
         index = range(self.num_examples)[index]  # negative indices as a list has them; IndexError past the end
         if self.packing:
-            ids = self.store.tokens[index * self.max_length:(index + 1) * self.max_length]
+            start, length = index * self.max_length, self.max_length
         else:
-            ids = self.store.sequence(index)[:self.max_length]
-        return {"input_ids": ids.tolist()}
+            start = int(self.store.offsets[index])
+            length = min(int(self.store.offsets[index + 1]) - start, self.max_length)
+        tokens = slice(start, start + length)
+        example = {"input_ids": self.store.tokens[tokens].tolist()}
+        if self.teacher_topk is not None:  # copies: writable arrays, which torch wraps (the maps are read-only)
+            example[TEACHER_TOPK_KEYS[0]] = np.array(self.teacher_topk.ids[tokens])
+            example[TEACHER_TOPK_KEYS[1]] = np.array(self.teacher_topk.logprobs[tokens])
+        return example
 
 
 class PadCollator:
-    """Right-pads a batch to its longest sequence; the attention mask keeps padding out of the loss."""
+    """Right-pads a batch to its longest sequence; the attention mask keeps padding out of the loss. The cached
+    teacher's rows, when the examples have them, become [batch, longest, K] tensors, padded with rows without a
+    distribution (ids 0, log-probabilities -inf)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -115,4 +140,18 @@ class PadCollator:
             ids = item["input_ids"]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             attention_mask[row, :len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        collated = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if TEACHER_TOPK_KEYS[0] in batch[0]:
+            ids_key, logprobs_key = TEACHER_TOPK_KEYS
+            collated[ids_key] = _pad_rows([item[ids_key] for item in batch], longest, 0, torch.long)
+            collated[logprobs_key] = _pad_rows([item[logprobs_key] for item in batch], longest, float("-inf"),
+                                               torch.float32)
+        return collated
+
+
+def _pad_rows(rows: list[np.ndarray], longest: int, fill, dtype: torch.dtype) -> torch.Tensor:
+    """[length, K] arrays as one [batch, longest, K] tensor, right-padded with `fill`."""
+    padded = torch.full((len(rows), longest, rows[0].shape[-1]), fill, dtype=dtype)
+    for row, values in enumerate(rows):
+        padded[row, :len(values)] = torch.as_tensor(values)
+    return padded

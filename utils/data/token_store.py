@@ -64,9 +64,6 @@ class TokenStore:
     def __len__(self) -> int:
         return self.manifest["sequences"]
 
-    def sequence(self, index: int) -> np.ndarray:
-        return self.tokens[self.offsets[index]:self.offsets[index + 1]]
-
     # Pickled (to a spawned DataLoader worker) as its path: a pickled memmap would carry a copy of every token.
     def __getstate__(self):
         return {"directory": self.directory, "manifest": self.manifest, "built": self.built}

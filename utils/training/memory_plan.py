@@ -5,7 +5,9 @@ allocated); every other term is a formula of the config's shapes and the trainin
 the one `scripts/run_train.sh` launches on GPUs: FSDP full_shard wrapped per decoder layer, bf16 mixed
 precision over float32 master weights, AdamW, gradient checkpointing per decoder layer, the bf16 teacher
 sharded the same way, flash (SDPA) attention, and the chunked KL loss of `utils/training/kd_trainer.py`. The student is
-the paper's: every decoder linear layer fake-quantizes its weight and input, k/v projections their output.
+the paper's: every decoder linear layer fake-quantizes its weight and input, k/v projections their output. With the
+cached teacher (train.py --teacher cached) there are no teacher weights and no teacher logits, only the batch's
+cached top-K rows.
 
 The total adds every component at its own peak, so it errs on the safe side: in a real step the gradients
 fill up while the checkpointed activations drain away.
@@ -20,15 +22,19 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from models.rotations import head_dim
+from utils.training.kd_trainer import CACHED_TEACHER, TEACHERS
 
 GIB = 2**30
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # configs/<name>/config.json
 SHIPPED_MODELS = ("llama-7b", "llama-13b", "llama-30b")  # LLaMA-1 shapes, the paper's models
 PRECISION_BYTES = {"bf16": 2, "fp32": 4}
 FP32_BYTES = 4
+CACHED_ROW_BYTES = 8 + 4  # per cached top-K entry in a batch: an int64 id and a float32 log-probability
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, float32, sharded like the weights
 KD_CHUNK_ROWS = 1024  # kd_loss's chunk_rows: float32 work is limited to this many positions at a time
-KD_CHUNK_FP32_TENSORS = 5  # float32 [rows, vocab] tensors alive at once inside a chunk (log q, log p, p, 2 temporaries)
+# float32 [rows, vocab] tensors alive at once inside a chunk: log q, log p (cached teacher: masked log q), p, and
+# 2 temporaries
+KD_CHUNK_FP32_TENSORS = 5
 IN_FLIGHT_LAYERS = 2  # FSDP gathers the next decoder layer while the current one computes
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 0.05  # the caching allocator's reserved-but-unused share, on top of everything else
@@ -104,6 +110,12 @@ class TrainingSetup:
     precision: str = "bf16"  # compute dtype: "bf16" (mixed precision) or "fp32"
     gradient_checkpointing: bool = True
     offload: bool = False  # FSDP CPU offload of the student's weights, gradients and optimizer
+    teacher: str = "model"  # one of TEACHERS; "cached": no teacher model, its top-K log-probs come with the data
+    topk: int = 32  # K of the cached teacher's rows (generate_data.py --save-topk)
+
+    @property
+    def cached_teacher(self) -> bool:
+        return self.teacher == CACHED_TEACHER
 
     @property
     def fsdp(self) -> bool:
@@ -190,19 +202,26 @@ def plan_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryPlan:
     else:
         in_flight, in_flight_how = 0, "none: no FSDP on one GPU"
 
-    logits_and_loss = (tokens * shape.vocab_size * 3 * c
-                       + min(KD_CHUNK_ROWS, tokens) * shape.vocab_size * KD_CHUNK_FP32_TENSORS * FP32_BYTES)
+    chunk_work = min(KD_CHUNK_ROWS, tokens) * shape.vocab_size * KD_CHUNK_FP32_TENSORS * FP32_BYTES
+    if setup.cached_teacher:
+        logits_and_loss = tokens * shape.vocab_size * 2 * c + tokens * setup.topk * CACHED_ROW_BYTES + chunk_work
+        logits_how = (f"student logits + KL gradient ({setup.precision}), cached top-{setup.topk} rows (int64 ids + "
+                      "fp32 log-probs)")
+        teacher_weights, teacher_how = 0, "none: cached top-K log-probs"
+    else:
+        logits_and_loss = tokens * shape.vocab_size * 3 * c + chunk_work
+        logits_how = f"student + teacher logits + KL gradient ({setup.precision})"
+        teacher_weights, teacher_how = c * n / gpus, f"{setup.precision}, {shard}"
     components = (
         Component("student weights", on_gpu * FP32_BYTES * n / gpus, f"fp32 master weights, {where}"),
         Component("student gradients", on_gpu * FP32_BYTES * n / gpus, f"fp32, {where}"),
         Component("AdamW state", on_gpu * ADAMW_STATES * FP32_BYTES * n / gpus, f"2 x fp32, {where}"),
-        Component("teacher weights", c * n / gpus, f"{setup.precision}, {shard}"),
+        Component("teacher weights", teacher_weights, teacher_how),
         Component("gathered units in flight", in_flight, in_flight_how),
         Component("activations kept for backward", kept, kept_how),
         Component("recomputed layer activations", recomputed, recomputed_how),
         Component("logits and KD loss", logits_and_loss,
-                  f"student + teacher logits + KL gradient ({setup.precision}), fp32 work on "
-                  f"{min(KD_CHUNK_ROWS, tokens)}-row chunks"),
+                  f"{logits_how}, fp32 work on {min(KD_CHUNK_ROWS, tokens)}-row chunks"),
     )
     return MemoryPlan(shape, setup, components)
 
@@ -253,7 +272,8 @@ def describe(setup: TrainingSetup) -> str:
     return (f"{setup.gpus} GPU(s) x {setup.gpu_memory_gib:g} GiB, batch {setup.batch_size} x {setup.seq_len} "
             f"tokens, {setup.precision}, " + ("gradient checkpointing" if setup.gradient_checkpointing
                                                else "no gradient checkpointing")
-            + (", CPU offload" if setup.offload else ""))
+            + (", CPU offload" if setup.offload else "")
+            + (f", cached teacher top-{setup.topk}" if setup.cached_teacher else ""))
 
 
 def format_plans(plans: list[MemoryPlan]) -> str:
