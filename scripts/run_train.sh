@@ -75,6 +75,7 @@ if [ "$NUM_GPUS" -gt 0 ]; then
   gpu_gib=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)")
   model_dir=$("$PYTHON" -c "import sys; from utils.training.loading import resolve_model_path; print(resolve_model_path(sys.argv[1]))" "$MODEL")
   plan=(scripts/plan_memory.py --model "$model_dir" --gpus "$NUM_GPUS" --gpu-memory "$gpu_gib" --seq-len 2048)
+  [[ " $* " == *" --teacher cached "* ]] && plan+=(--teacher cached)   # no teacher to hold: it may fit unoffloaded
   sharding="full_shard auto_wrap"
   if "$PYTHON" "${plan[@]}"; then
     if ! "$PYTHON" "${plan[@]}" --json | "$PYTHON" -c "import json, sys; sys.exit(not json.load(sys.stdin)[0]['fits'])"; then
