@@ -42,15 +42,16 @@ LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "qat": "LLM-QAT"}
 ROW = re.compile(r"(\d+)(?:g(\d+))?-(\d+)-(\d+)")
 
 
-def row_config(row: str) -> QATConfig:
-    """`4g64-16-16` -> the vllm recipe's W4 A16 KV16 with groups of 64 columns; a one-line error otherwise."""
+def row_config(row: str, flags: set[str] | None = None) -> QATConfig:
+    """`4g64-16-16` -> the vllm recipe's W4 A16 KV16 with groups of 64 columns; a one-line error otherwise, also
+    where vLLM lacks the row's kernel on a CPU with `flags` (default: this one's)."""
     match = ROW.fullmatch(row)
     if not match:
         raise ValueError(f"row {row!r} is not W-A-KV bits such as 8-8-16, or 4g64-16-16 for groups of 64 columns")
     w_bits, group_size, a_bits, kv_bits = match.groups()
     config = QATConfig(int(w_bits), int(a_bits), int(kv_bits), recipe="vllm",
                        w_group_size=int(group_size) if group_size else None)
-    mismatch = vllm_mismatch({CONFIG_KEY: asdict(config)})
+    mismatch = vllm_mismatch({CONFIG_KEY: asdict(config)}, flags)
     if mismatch:
         raise ValueError(f"row {row}: {mismatch}")
     return config

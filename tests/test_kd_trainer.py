@@ -123,12 +123,17 @@ def test_cached_kl_over_the_whole_vocabulary_is_the_full_kl(reduction):
                                rtol=1e-4, atol=1e-7)
 
 
-def test_qat_steps_lower_the_kd_loss_and_update_only_the_student(tmp_path):
+def tiny_teacher_and_student():
+    """A random 2-layer Llama (vocabulary 96) and its W4A8KV4 student."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
     teacher = LlamaForCausalLM(config).eval()
-    student = quantize_model(copy.deepcopy(teacher), 4, 8, 4)
+    return teacher, quantize_model(copy.deepcopy(teacher), 4, 8, 4)
+
+
+def test_qat_steps_lower_the_kd_loss_and_update_only_the_student(tmp_path):
+    teacher, student = tiny_teacher_and_student()
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     batch = [{"input_ids": torch.randint(0, 96, (16,)).tolist()} for _ in range(4)]
@@ -207,11 +212,7 @@ def test_token_mean_with_gradient_accumulation_trains_as_one_batch(tmp_path, cac
 def test_cached_teacher_trains_from_the_batchs_top_k_rows(tmp_path):
     """A real train() with teacher="cached": the top-K keys, which are no arguments of the model's forward, reach
     the loss (the Trainer would drop them), the student learns, and no teacher model is needed."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
-    teacher = LlamaForCausalLM(config).eval()
-    student = quantize_model(copy.deepcopy(teacher), 4, 8, 4)
+    teacher, student = tiny_teacher_and_student()
     before_training = {k: v.clone() for k, v in student.state_dict().items()}
     data = [{"input_ids": ids} for ids in torch.randint(0, 96, (4, 16)).tolist()]
     cached = [{**example, **cached_rows(teacher, example["input_ids"], 8)} for example in data]
