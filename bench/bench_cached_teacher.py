@@ -5,9 +5,10 @@ the training time without the teacher's forward.
     python bench/bench_cached_teacher.py                    # embedded SmolLM2-135M, CPU: about 30 minutes
     python bench/bench_cached_teacher.py --ks 32 --out bench_output/cached_teacher
 
-Each setting runs `scripts/demo.sh` in its own folder: `make demo` for the full teacher, `TEACHER=cached
-SAVE_TOPK=K make demo` for each K. The HF engine writes the same sequences with or without --save-topk
-(tests/test_synthesis.py), so every student trains on the same text for the same steps; only its targets differ.
+Each setting runs `scripts/demo.sh` in its own folder, all on one synthesis that kept the teacher's top-max(K)
+(`SAVE_TOPK`, in OUT/data): `make demo` for the full teacher, `TEACHER=cached TOPK=K make demo` for each K (the
+first K of the saved, most likely first). Every student trains on the same text for the same steps and is evaluated
+on the same held-out text; only its targets differ.
 The memory the absent teacher saves is `scripts/plan_memory.py --teacher cached` (and bench/bench_memory.py).
 """
 from __future__ import annotations
@@ -39,8 +40,9 @@ def main():
     args = parser.parse_args()
     config = QATConfig(*map(int, args.bits.split("-")))
     out = Path(args.out)
-    settings = [("teacher model", out / "model", {})] + [
-        (f"cached top-{k}", out / f"topk{k}", {"TEACHER": "cached", "SAVE_TOPK": str(k)}) for k in args.ks]
+    data = {"DATA_DIR": str(out / "data"), "SAVE_TOPK": str(max(args.ks))}
+    settings = [("teacher model", out / "model", data)] + [
+        (f"cached top-{k}", out / f"topk{k}", {**data, "TEACHER": "cached", "TOPK": str(k)}) for k in args.ks]
     rows = [(name, demo_results(config, folder, **env), training_record(folder)) for name, folder, env in settings]
 
     fp = json.loads((out / "model" / "results" / "fp.json").read_text())["metrics"]["heldout_perplexity"]

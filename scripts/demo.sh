@@ -5,6 +5,7 @@
 # them (environment variables) on a GPU, e.g. NUM_START_TOKENS=2000 SEQ_LEN=1024 make demo.
 #   ENGINE=vllm make demo      the data written by vLLM (make vllm first; `make demo` does it then)
 #   TEACHER=cached make demo   the data with the teacher's top-32 log-probs, and QAT without loading the teacher
+#   SAVE_TOPK=128 TEACHER=cached TOPK=8 make demo   QAT from the top-8 of data saved with the top-128
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,9 @@ BATCH_SIZE=${BATCH_SIZE:-4}
 SEED=${SEED:-0}
 ENGINE=${ENGINE:-hf}                            # hf or vllm: which engine writes the data
 TEACHER=${TEACHER:-model}                       # model: KD from the teacher; cached: from its saved top-K log-probs
-SAVE_TOPK=${SAVE_TOPK:-32}                      # K of TEACHER=cached
+SAVE_TOPK=${SAVE_TOPK:-$([ "$TEACHER" = model ] || echo 32)}  # the data keeps the teacher's top-K (none by default)
+TOPK=${TOPK:-$SAVE_TOPK}                        # TEACHER=cached distils from the first TOPK of them
+DATA_DIR=${DATA_DIR:-}                          # default: a folder in OUT named by the data's settings
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
@@ -34,13 +37,11 @@ case "$ENGINE/$TEACHER" in
   *) echo "[demo] ENGINE=$ENGINE TEACHER=$TEACHER: use ENGINE=hf or vllm, TEACHER=model or cached" >&2; exit 2 ;;
 esac
 generate_options=(--engine "$ENGINE")
+[ -n "$SAVE_TOPK" ] && generate_options+=(--save-topk "$SAVE_TOPK")
 train_options=()
-if [ "$TEACHER" = cached ]; then
-  generate_options+=(--save-topk "$SAVE_TOPK")
-  train_options+=(--teacher cached)
-fi
-DATA_DIR="$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")$([ "$TEACHER" = model ] || echo "-topk$SAVE_TOPK")"
-QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo -cached)"
+[ "$TEACHER" = cached ] && train_options+=(--teacher cached --topk "$TOPK")
+DATA_DIR=${DATA_DIR:-"$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")${SAVE_TOPK:+-topk$SAVE_TOPK}"}
+QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK")"
 RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS"
 TIMINGS="$OUT/timings.md"

@@ -138,6 +138,23 @@ def test_examples_carry_the_cached_teacher_rows_of_their_own_positions(tmp_path)
         TokenSequenceDataset(data, max_length=2, packing=True, teacher_topk=True)
 
 
+def test_topk_serves_the_most_likely_columns_of_a_larger_store(tmp_path):
+    lines = [{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7]}]
+    data = write_lines(tmp_path / "d.jsonl", lines)
+    rows = numbered_topk_rows(lines, k=3)
+    write_store(data, rows, hashlib.sha256(data.read_bytes()).hexdigest())
+    for k in (1, 2, 3):
+        for line, example in enumerate(TokenSequenceDataset(data, max_length=4, teacher_topk=True, topk=k)):
+            np.testing.assert_array_equal(example[TEACHER_TOPK_KEYS[0]], rows[line].ids[:4, :k])
+            np.testing.assert_array_equal(example[TEACHER_TOPK_KEYS[1]], rows[line].logprobs[:4, :k])
+    for k in (0, 4):
+        with pytest.raises(ValueError, match=rf"^--topk {k}: the data holds the teacher's top-3; pass 1\.\.3, or "
+                                             rf"generate the data again with generate_data.py --save-topk {k}$"):
+            TokenSequenceDataset(data, max_length=4, teacher_topk=True, topk=k)
+    with pytest.raises(ValueError, match=r"^topk=2 selects among the cached teacher's tokens; pass teacher_topk=True"):
+        TokenSequenceDataset(data, max_length=4, topk=2)
+
+
 def test_cached_teacher_without_a_store_is_a_clear_error(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", [{"input_ids": [1, 2, 3]}])
     with pytest.raises(FileNotFoundError, match=r"d\.jsonl has no teacher top-K store .*--save-topk K"):

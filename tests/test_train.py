@@ -224,24 +224,24 @@ def teacher_topk_rows(teacher_dir, data, k):
 
 def test_cached_teacher_trains_from_the_top_k_stored_with_the_data(tiny_teacher_dir, tmp_path, model_loads, caplog):
     """--teacher cached: no teacher is loaded; the logged first loss is the cached KL of the first batch, each
-    position beside its own cached row."""
+    position beside its own cached row, over the --topk most likely of the tokens stored."""
     data = tmp_path / "data.jsonl"
     shutil.copy(tiny_teacher_dir / "data.jsonl", data)
     rows = teacher_topk_rows(tiny_teacher_dir / "teacher", data, k=8)
     store = write_store(data, rows, hashlib.sha256(data.read_bytes()).hexdigest())
     output = tmp_path / "out"
     args = train_args(tiny_teacher_dir, output, "--max_steps", "2", "--per_device_train_batch_size", "4",
-                      "--teacher", "cached", "--seed", "0")
+                      "--teacher", "cached", "--topk", "5", "--seed", "0")
     args[args.index("--data_path") + 1] = str(data)
     with caplog.at_level("INFO", logger="train"):
         train.main(args)
     assert len(model_loads) == 1  # the student only
-    assert f"teacher: cached top-K (K = 8) from {store.directory}" in caplog.text
+    assert f"teacher: cached top-5 (of 8) from {store.directory}" in caplog.text
     assert isinstance(load_model(output).model.layers[0].self_attn.k_proj, QuantLinear)
 
     student = quantize_model(load_model(tiny_teacher_dir / "teacher", quantized=False), QATConfig(4, 8, 4))
     lines = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]  # all shorter than 16
-    batch = PadCollator(0)([{"input_ids": ids, **dict(zip(TEACHER_TOPK_KEYS, (r.ids, r.logprobs)))}
+    batch = PadCollator(0)([{"input_ids": ids, **dict(zip(TEACHER_TOPK_KEYS, (r.ids[:, :5], r.logprobs[:, :5])))}
                             for ids, r in zip(lines, rows)])
     with torch.no_grad():
         logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -329,6 +329,7 @@ def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_checkpoint_to_resume(ti
                                               "--loss ce uses no teacher; drop --teacher cached or use --loss kd"),
     (("--teacher", "cached", "--packing"), r"--packing cannot be used with the cached teacher \(--teacher cached\)"),
     (("--teacher", "logits"), "--teacher 'logits' is not supported; use model or cached"),
+    (("--topk", "8"), "--topk 8 selects among the cached teacher's tokens; add --teacher cached, or drop --topk"),
 ])
 def test_a_run_that_would_not_train_as_asked_is_refused_before_loading_anything(tiny_teacher_dir, tmp_path,
                                                                                  monkeypatch, flags, message):

@@ -72,13 +72,27 @@ def read_token_sequences(path: str | Path, tokenizer=None, teacher: TeacherIdent
     return list(iter_token_sequences(path, tokenizer, teacher, vocab_size))
 
 
+def check_topk(topk: int | None, store) -> int | None:
+    """How many of the store's K columns an example gets (None: all): at least 1 and at most K."""
+    if topk is None:
+        return None
+    if store is None:
+        raise ValueError(f"topk={topk} selects among the cached teacher's tokens; pass teacher_topk=True too")
+    if not 1 <= topk <= store.k:
+        raise ValueError(f"--topk {topk}: the data holds the teacher's top-{store.k}; pass 1..{store.k}, or generate "
+                         f"the data again with generate_data.py --save-topk {topk}")
+    return topk
+
+
 class TokenSequenceDataset(Dataset):
     """Examples sliced from the memory-mapped token store of `path`: truncated sequences, or packed blocks (the
     store's ids are already the concatenation of all sequences). With `teacher_topk`, the teacher's cached top-K
-    rows of the same positions too (`self.teacher_topk`, keys TEACHER_TOPK_KEYS); not with packing."""
+    rows of the same positions too (`self.teacher_topk`, keys TEACHER_TOPK_KEYS), or their first `topk` columns, the
+    `topk` most likely tokens (the store keeps them most likely first); not with packing."""
 
     def __init__(self, path: str | Path, max_length: int, tokenizer=None, packing: bool = False,
-                 teacher: TeacherIdentity | None = None, vocab_size: int | None = None, teacher_topk: bool = False):
+                 teacher: TeacherIdentity | None = None, vocab_size: int | None = None, teacher_topk: bool = False,
+                 topk: int | None = None):
         if max_length < 1:
             raise ValueError(f"--model_max_length {max_length} must be at least 1")
         check_packing(packing, teacher_topk)
@@ -94,6 +108,7 @@ class TokenSequenceDataset(Dataset):
         manifest = self.store.manifest
         self.teacher_topk = (open_teacher_topk(path, manifest["source"]["sha256"], manifest["tokens"],
                                                manifest["sequences"]) if teacher_topk else None)
+        self.topk = check_topk(topk, self.teacher_topk)
         if packing:
             self.num_examples = len(self.store.tokens) // max_length
             if not self.num_examples:
@@ -119,8 +134,8 @@ class TokenSequenceDataset(Dataset):
         tokens = slice(start, start + length)
         example = {"input_ids": self.store.tokens[tokens].tolist()}
         if self.teacher_topk is not None:  # copies: writable arrays, which torch wraps (the maps are read-only)
-            example[TEACHER_TOPK_KEYS[0]] = np.array(self.teacher_topk.ids[tokens])
-            example[TEACHER_TOPK_KEYS[1]] = np.array(self.teacher_topk.logprobs[tokens])
+            example[TEACHER_TOPK_KEYS[0]] = np.array(self.teacher_topk.ids[tokens, :self.topk])
+            example[TEACHER_TOPK_KEYS[1]] = np.array(self.teacher_topk.logprobs[tokens, :self.topk])
         return example
 
 
