@@ -3,7 +3,7 @@ equal steps on the demo's data and budget: held-out perplexity, KL to the full t
 the training time without the teacher's forward.
 
     python bench/bench_cached_teacher.py                    # embedded SmolLM2-135M, CPU: about 30 minutes
-    python bench/bench_cached_teacher.py --ks 32 --out bench_output/cached_teacher
+    python bench/bench_cached_teacher.py --ks 32 --seeds 0 1 --out bench_output/cached_teacher
 
 Each setting runs `scripts/demo.sh` in its own folder, all on one synthesis that kept the teacher's top-max(K)
 (`SAVE_TOPK`, in OUT/data): `make demo` for the full teacher, `TEACHER=cached TOPK=K make demo` for each K (the
@@ -36,28 +36,40 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="K of each cached run")
     parser.add_argument("--bits", default="4-8-4", help="W-A-KV of the student (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds (order of the batches); the data is the first seed's (default: 0)")
     parser.add_argument("--out", default="bench_output/cached_teacher", help="one demo folder per setting in it")
     args = parser.parse_args()
     config = QATConfig(*map(int, args.bits.split("-")))
     out = Path(args.out)
     data = {"DATA_DIR": str(out / "data"), "SAVE_TOPK": str(max(args.ks))}
-    settings = [("teacher model", out / "model", data)] + [
-        (f"cached top-{k}", out / f"topk{k}", {**data, "TEACHER": "cached", "TOPK": str(k)}) for k in args.ks]
-    rows = [(name, demo_results(config, folder, **env), training_record(folder)) for name, folder, env in settings]
+    settings = [("teacher model", "model", {})] + [
+        (f"cached top-{k}", f"topk{k}", {"TEACHER": "cached", "TOPK": str(k)}) for k in args.ks]
+    rows = []  # (name, seed, results, training)
+    for seed in args.seeds:
+        for name, folder, env in settings:
+            folder = out / (folder if seed == args.seeds[0] else f"{folder}-seed{seed}")
+            rows.append((name, seed, demo_results(config, folder, **data, **env, SEED=str(seed)),
+                         training_record(folder)))
 
     fp = json.loads((out / "model" / "results" / "fp.json").read_text())["metrics"]["heldout_perplexity"]
-    rtn = rows[0][1]["rtn"]["heldout_perplexity"]
-    full_kl = rows[0][1]["qat"]["kl_to_teacher"]
+    rtn = rows[0][2]["rtn"]["heldout_perplexity"]
+    full_kl = {seed: results["qat"]["kl_to_teacher"] for name, seed, results, _ in rows if name == settings[0][0]}
     print(f"\nembedded SmolLM2-135M, W{config.w_bits}A{config.a_bits}KV{config.kv_bits}, demo data and budget; "
           f"FP held-out ppl {fp:.2f}, RTN {rtn:.2f}\n")
-    print("| teacher | held-out ppl | KL to teacher | KL vs full KD | top-1 (%) | log-ppl gap closed | steps | "
-          "s / step |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, results, training in rows:
+    print("| teacher | seed | held-out ppl | KL to teacher | KL vs full KD | top-1 (%) | log-ppl gap closed | steps | "
+          "s / step |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ratios = {}
+    for name, seed, results, training in rows:
         qat = results["qat"]
         closed = (math.log(rtn) - math.log(qat["heldout_perplexity"])) / (math.log(rtn) - math.log(fp))
-        print(f"| {name} | {qat['heldout_perplexity']:.2f} | {qat['kl_to_teacher']:.4f} | "
-              f"{100 * (qat['kl_to_teacher'] / full_kl - 1):+.1f} % | {100 * qat['top1_agreement']:.1f} | "
-              f"{100 * closed:.1f} % | {training['steps']} | {training['seconds'] / training['steps']:.2f} |")
+        ratios.setdefault(name, []).append(qat["kl_to_teacher"] / full_kl[seed] - 1)
+        print(f"| {name} | {seed} | {qat['heldout_perplexity']:.2f} | {qat['kl_to_teacher']:.4f} | "
+              f"{100 * ratios[name][-1]:+.1f} % | {100 * qat['top1_agreement']:.1f} | {100 * closed:.1f} % | "
+              f"{training['steps']} | {training['seconds'] / training['steps']:.2f} |")
+    if len(args.seeds) > 1:
+        print("\nKL vs full KD, mean over the seeds: " + ", ".join(
+            f"{name} {100 * sum(values) / len(values):+.1f} %" for name, values in list(ratios.items())[1:]))
 
 
 if __name__ == "__main__":
