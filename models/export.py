@@ -87,6 +87,9 @@ def check_export_target(checkpoint: Path, out_dir: Path, force: bool) -> None:
 def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bool):
     checkpoint = Path(checkpoint)
     settings = checkpoint_settings(checkpoint)
+    if settings.scheme or settings.kv_scheme:
+        raise ValueError(f"{checkpoint} ({settings.label()}) has floating-point quantizers, whose export is not "
+                         "supported yet; evaluate the checkpoint itself, which loads quantized")
     if export_format == PACKED and settings.w_bits not in PACKABLE_BITS:
         raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings.w_bits} "
                          "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")

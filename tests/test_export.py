@@ -115,7 +115,8 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
             assert kv | {"num_bits": 4, "strategy": "token", "dynamic": True} == kv
     assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
                                  "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper",
-                                 "arithmetic": "float", "rotate": "none", "rotate_seed": 0}
+                                 "arithmetic": "float", "rotate": "none", "rotate_seed": 0, "scheme": None,
+                                 "kv_scheme": None}
     assert "auto_map" not in config
 
 
@@ -222,6 +223,19 @@ def test_packed_refuses_unquantized_weights(tmp_path):
     with pytest.raises(ValueError, match="packed format needs w_bits in 2..8"):
         export_packed(checkpoint, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.parametrize("options", [dict(scheme="NVFP4"), dict(kv_scheme="FP8")])
+def test_floating_point_students_are_refused_in_one_line(tmp_path, capsys, options):
+    checkpoint = save_student(tmp_path / "qat", w_bits=16 if "scheme" in options else 4, a_bits=16,
+                              kv_bits=16, options=options)
+    for export_format in ("packed", "folded"):
+        with pytest.raises(ValueError, match=r"has floating-point quantizers, whose export is not supported yet"):
+            export(checkpoint, tmp_path / "out", export_format)
+    with pytest.raises(SystemExit) as refused:
+        load_script("export").main([str(checkpoint), str(tmp_path / "out")])
+    assert refused.value.code == 2 and "not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_prints_sizes_and_ratio(tmp_path, capsys):
