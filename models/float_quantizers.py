@@ -34,18 +34,17 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 E2M1_MAX = 6.0
 FORMAT_MAX = {8: E4M3_MAX, 4: E2M1_MAX}
 E8M0_BIAS = 127
-E2M1_TOP_EXPONENT = 2  # floor(log2(6)): an MX scale puts a group's max at 4..7 times it
+E2M1_TOP_EXPONENT = 2  # floor(log2(6)): an MX scale puts a group's max at 3.5 to 7 times it (above 6: clipped)
 # compressed-tensors' stand-in for a zero scale, by scale dtype (its `_get_dtype_eps`); otherwise the dtype's eps
 ZERO_SCALE = {"float8_e4m3fn": 0.125, "uint8": 1.0}
-# the formats of models/schemes.py: (num_bits, strategy kind, scale_dtype); MX groups are 32 values
-SUPPORTED = {(8, "any", None), (4, "tensor_group", "float8_e4m3fn"), (4, "group", "uint8")}
 
 
 def check_float_spec(spec: QuantSpec) -> QuantSpec:
-    kind = spec.strategy if spec.num_bits == 4 else "any"
-    mx_group = spec.scale_dtype != "uint8" or spec.group_size == 32
-    if spec.type != "float" or not spec.symmetric or (spec.num_bits, kind, spec.scale_dtype) not in SUPPORTED \
-            or not mx_group:
+    """`spec`, if it is a format computed here: FP8 E4M3 (any granularity), NVFP4 or MXFP4."""
+    fp8 = spec.num_bits == 8 and spec.scale_dtype is None
+    nvfp4 = spec.num_bits == 4 and spec.strategy == "tensor_group" and spec.scale_dtype == "float8_e4m3fn"
+    mxfp4 = spec.num_bits == 4 and spec.strategy == "group" and spec.group_size == 32 and spec.scale_dtype == "uint8"
+    if spec.type != "float" or not spec.symmetric or not (fp8 or nvfp4 or mxfp4):
         raise ValueError(f"{spec} is not a format these quantizers compute; use FP8 E4M3, NVFP4 or MXFP4 "
                          "(models/schemes.py)")
     return spec

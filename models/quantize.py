@@ -167,14 +167,13 @@ class QATConfig:
                              "drop one of --kv_scheme and --kv_bits")
         if not self.scheme:
             return
-        conflicts = [flag for flag, given in (("--w_bits", self.w_bits != FULL_PRECISION),
-                                              ("--a_bits", self.a_bits != FULL_PRECISION),
-                                              ("--w_group_size", self.w_group_size is not None),
-                                              ("--no_act_symmetric", not self.act_symmetric),
-                                              ("--recipe/--arithmetic vllm (vLLM's integer kernels)", self.arithmetic == "vllm"))
-                     if given]
+        conflicts = [flag for flag, given in (
+            ("--w_bits", self.w_bits != FULL_PRECISION), ("--a_bits", self.a_bits != FULL_PRECISION),
+            ("--w_group_size", self.w_group_size is not None), ("--no_act_symmetric", not self.act_symmetric),
+            ("--recipe/--arithmetic vllm (vLLM's integer kernels)", self.arithmetic == "vllm")) if given]
         if conflicts:
-            raise ValueError(f"scheme={self.scheme} sets the weight and activation formats; drop {', '.join(conflicts)}")
+            raise ValueError(f"scheme={self.scheme} sets the weight and activation formats; drop "
+                             f"{', '.join(conflicts)}")
 
     @property
     def weight_spec(self) -> QuantSpec | None:
