@@ -82,8 +82,10 @@ def mx_scale(absmax: torch.Tensor) -> torch.Tensor:
     return (2.0 ** (code - E8M0_BIAS).float()).to(absmax.dtype)
 
 
-def float_scale(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The scale s of each row of `rows` (of the whole tensor for "tensor") with X_q = round(X / s) * s."""
+def stored_scales(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales compressed-tensors stores for `rows` (one per row; one for the whole tensor for "tensor"): for NVFP4
+    the E4M3 group scales and the FP32 global scale g (`weight_scale`, `weight_global_scale`), otherwise the scales
+    and None. A value's scale is scale / g (`float_scale`), as compressed-tensors' dequantization divides."""
     absmax = rows.abs().amax() if spec.strategy == "tensor" else rows.abs().amax(-1, keepdim=True)
     global_scale = nvfp4_global_scale(rows) if spec.strategy == "tensor_group" else None
     if spec.scale_dtype == "uint8":
@@ -95,7 +97,12 @@ def float_scale(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         if spec.scale_dtype == "float8_e4m3fn":
             scale = round_to_e4m3(scale.clamp(-E4M3_MAX, E4M3_MAX))
     zero = ZERO_SCALE.get(spec.scale_dtype, torch.finfo(scale.dtype).eps)
-    scale = torch.where(scale == 0, torch.tensor(zero, dtype=scale.dtype, device=scale.device), scale)
+    return torch.where(scale == 0, torch.tensor(zero, dtype=scale.dtype, device=scale.device), scale), global_scale
+
+
+def float_scale(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The scale s of each row of `rows` (of the whole tensor for "tensor") with X_q = round(X / s) * s."""
+    scale, global_scale = stored_scales(rows, spec)
     return scale if global_scale is None else scale / global_scale
 
 

@@ -56,7 +56,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .float_quantizers import check_float_spec, fake_quantize_float
+from .float_quantizers import check_float_spec, fake_quantize_float, stored_scales
 from .quantizers import (FULL_PRECISION, GRIDS, check_bits, fake_quantize, grouped, in_scale_dtype, integer_linear,
                          symmetric_codes, upcast)
 from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
@@ -266,6 +266,8 @@ class IntQuantizer(nn.Module):
 class FloatQuantizer(nn.Module):
     """A floating-point fake quantizer (FP8, NVFP4, MXFP4: `models.float_quantizers`) of the format `spec`."""
 
+    scale_dtype = None  # an export's weights are held as stored: float32 holds code * scale exactly
+
     def __init__(self, spec: QuantSpec, ste_clip: float | None):
         super().__init__()
         self.spec, self.ste_clip = check_float_spec(spec), ste_clip
@@ -284,6 +286,13 @@ class FloatQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize_float(x, self.spec, self.ste_clip)
+
+    def scales(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales compressed-tensors stores for `weight` ([out, in]) in this format: [1] per tensor, [out, 1] per
+        channel, [out, in / G] per group; and NVFP4's global scale [1] (None for the others)."""
+        scale, global_scale = stored_scales(grouped(upcast(weight), self.group_size), self.spec)
+        return (scale.reshape(1) if self.spec.strategy == "tensor" else
+                scale.squeeze(-1) if self.group_size else scale), global_scale
 
     def extra_repr(self):
         return ", ".join(f"{name}={value}" for name, value in asdict(self.spec).items() if value is not None)
@@ -485,13 +494,14 @@ def _stored_on_grid(model: nn.Module, config: QATConfig) -> bool:
     """Whether the model's weights are an export's, already on the grid `config` asks for (used as they are), after
     refusing a weight quantizer other than the one that wrote them."""
     exported = getattr(model.config, EXPORT_KEY, None)
-    if not exported or config.w_bits == FULL_PRECISION:
+    if not exported or config.weight_spec is None and config.w_bits == FULL_PRECISION:
         return False
     saved = QATConfig(**getattr(model.config, CONFIG_KEY))
-    weight_settings = ("w_bits", "w_group_size", "grid")
-    if any(getattr(saved, name) != getattr(config, name) for name in weight_settings):
-        raise ValueError(f"this model's weights are a {exported} export's, on the grid of "
-                         f"{', '.join(f'{name}={getattr(saved, name)}' for name in weight_settings)}; keep those "
+    integer = ("w_bits", "w_group_size", "grid")
+    if any(getattr(saved, name) != getattr(config, name) for name in (*integer, "weight_spec")):
+        described = f"scheme={saved.scheme}" if saved.scheme else ", ".join(f"{name}={getattr(saved, name)}"
+                                                                            for name in integer)
+        raise ValueError(f"this model's weights are a {exported} export's, on the grid of {described}; keep those "
                          "settings, or quantize the checkpoint it was exported from")
     return True
 
