@@ -5,7 +5,9 @@
 Every Hugging Face `TrainingArguments` option works (resume, logging, --fsdp, --deepspeed, ...); the defaults
 below are the released LLaMA-7B recipe: 1 epoch, AdamW, lr 2e-5, cosine, no warmup, weight decay 0, batch 1 per
 device, sequence length 2048, checkpoints every 2000 steps. The quantizer flags are the fields of
-`models.quantize.QATConfig`. `scripts/run_train.sh W A KV` is the usual launcher; it runs `--check_only` first.
+`models.quantize.QATConfig`; `--scheme NVFP4` (FP8, FP8_DYNAMIC, NVFP4, MXFP4, ...A16) replaces W and A by a
+floating-point format, `--kv_scheme FP8` the KV bits. `scripts/run_train.sh W A KV` is the usual launcher; it runs
+`--check_only` first.
 `--teacher cached` distils from the teacher's top-K log-probabilities cached with the data (generate_data.py
 --save-topk K, then merge_gen_data.py) instead of loading and running the teacher.
 """
@@ -29,6 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from models.checkpoint import damaged_weight_file, saved_settings, write_remote_code
 from models.quantize import QATConfig, quantize_model, quantized_modules
+from models.quantizers import FULL_PRECISION
 from utils.data.dataset import PadCollator, TokenSequenceDataset, check_packing
 from utils.data.records import TeacherIdentity, model_display_name
 from utils.safety import check_positions, ensure_writable_dir, user_errors
@@ -37,6 +40,7 @@ from utils.training.loading import load_model, load_tokenizer, load_weightless_m
 
 logger = logging.getLogger("train")
 TRAIN_DEFAULT_BITS = dict(w_bits=4, a_bits=8, kv_bits=4)  # the paper's headline setting (QATConfig's own: 16)
+SET_BY = dict(w_bits="scheme", a_bits="scheme", kv_bits="kv_scheme")  # the flags that choose a float format instead
 
 
 @dataclass
@@ -154,6 +158,13 @@ def last_complete_checkpoint(output_dir: Path, move_aside: bool = True) -> str |
     return None
 
 
+def with_default_bits(flags: dict) -> dict:
+    """The quantizer flags, with the paper's W4A8KV4 for the bits not given, except where --scheme / --kv_scheme sets
+    the format (16 there: no integer quantizer)."""
+    return {**flags, **{name: FULL_PRECISION if flags[SET_BY[name]] else bits
+                        for name, bits in TRAIN_DEFAULT_BITS.items() if flags[name] is None}}
+
+
 def checkpoint_to_resume(training_args: TrainingArguments, qat_config: QATConfig) -> str | None:
     """--resume_from_checkpoint, else the last whole checkpoint of --output_dir (rerunning a killed command
     continues it); refused when it was trained with other quantizer settings."""
@@ -204,9 +215,10 @@ def load_float_model(model_path: str, dtype: torch.dtype, training_args: Trainin
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, QuantArguments, DistillationArguments,
                                QATTrainingArguments))
-    parser.set_defaults(**TRAIN_DEFAULT_BITS)
+    parser.set_defaults(**dict.fromkeys(TRAIN_DEFAULT_BITS))  # None: not given (see with_default_bits)
     model_args, data_args, quant_args, kd_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    qat_config = QATConfig.from_flags(**asdict(quant_args))  # bad settings fail here, before any model is loaded
+    # bad settings fail here, before any model is loaded
+    qat_config = QATConfig.from_flags(**with_default_bits(asdict(quant_args)))
     cached_teacher = kd_args.teacher == CACHED_TEACHER
     check_packing(data_args.packing, cached_teacher)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -237,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                                    training_args)
         teacher_note = f"teacher frozen in {teacher.dtype}"
     student = quantize_model(load_float_model(model_path, torch.float32, training_args), qat_config)
-    logger.info("Student W%dA%dKV%d: %d quantized linear layers; %s", qat_config.w_bits, qat_config.a_bits,
-                qat_config.kv_bits, len(quantized_modules(student)), teacher_note)
+    logger.info("Student %s: %d quantized linear layers; %s", qat_config.label(), len(quantized_modules(student)),
+                teacher_note)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, loss=kd_args.loss,
                         args=training_args,
@@ -256,9 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_state()
     if trainer.is_world_process_zero():
         write_remote_code(training_args.output_dir)
-        logger.info("Saved the W%dA%dKV%d student to %s (reload: utils.training.loading.load_model, or "
-                    "from_pretrained(..., trust_remote_code=True))", qat_config.w_bits, qat_config.a_bits,
-                    qat_config.kv_bits, training_args.output_dir)
+        logger.info("Saved the %s student to %s (reload: utils.training.loading.load_model, or "
+                    "from_pretrained(..., trust_remote_code=True))", qat_config.label(), training_args.output_dir)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .quantize import CONFIG_KEY, QATConfig, quantize_model
 
 # The files `trust_remote_code` imports: they may import only torch, transformers, the standard library and
 # each other (see models/quantize.py).
-REMOTE_CODE_SOURCES = ("quantizers.py", "rotations.py", "quantize.py")
+REMOTE_CODE_SOURCES = ("quantizers.py", "float_quantizers.py", "schemes.py", "rotations.py", "quantize.py")
 REMOTE_MODELING_FILE = "modeling_llm_qat.py"
 
 _REMOTE_MODELING = '''"""Loads this checkpoint as the LLM-QAT quantized student: written by models/checkpoint.py."""

@@ -3,9 +3,9 @@
 LLM-QAT (Liu et al., 2023) only fake-quantizes: its checkpoints hold full-size float weights. An export writes the
 quantized weights of every `QuantLinear` as what they are:
 
-  - `packed`: integer codes and scales in the compressed-tensors format that vLLM and llm-compressor load
-    (models/packed.py: the format, and loading it back). The exact settings also stay under `llm_qat`, which
-    `load_packed` uses to rebuild the student with this repo's own quantizers.
+  - `packed`: integer codes (or FP8 / FP4 values) and scales in the compressed-tensors format that vLLM and
+    llm-compressor load (models/packed.py: the format, and loading it back). The exact settings also stay under
+    `llm_qat`, which `load_packed` uses to rebuild the student with this repo's own quantizers.
   - `folded`: a plain Hugging Face checkpoint whose float weights already hold the dequantized values;
     `llm_qat` stays in its config, so `load_student` rebuilds the same student from it.
 Both record their format under `llm_qat_export`, and whatever loads them uses the stored weights (codes * scales) as
@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_student, saved_config, saved_settings
-from .packed import compressed_tensors_config, dequantized_weight, integer_weight
+from .packed import compressed_tensors_config, stored_weight
 from .quantize import CONFIG_KEY, EXPORT_KEY, QATConfig, quantized_modules
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,11 @@ def check_export_target(checkpoint: Path, out_dir: Path, force: bool) -> None:
 def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bool):
     checkpoint = Path(checkpoint)
     settings = checkpoint_settings(checkpoint)
-    if export_format == PACKED and settings.w_bits not in PACKABLE_BITS:
+    if export_format == PACKED and settings.input_spec and settings.input_spec.dynamic == "local":
+        raise ValueError(f"{checkpoint} ({settings.label()}) quantizes activations with a global scale that "
+                         "compressed-tensors and vLLM take from calibration, where the student computes one per "
+                         "forward; export it --format folded, or train weights only (--scheme NVFP4A16) to pack it")
+    if export_format == PACKED and not settings.scheme and settings.w_bits not in PACKABLE_BITS:
         raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings.w_bits} "
                          "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")
     if saved_config(checkpoint).get(EXPORT_KEY):
@@ -152,17 +156,17 @@ def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = Fal
     settings = model.config.llm_qat
     layers = quantized_modules(model)
     output_layer = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
-    codes_and_scales = {name: integer_weight(layer) for name, layer in tqdm(layers.items(), desc="Quantizing weights")}
+    stored = {name: stored_weight(layer) for name, layer in tqdm(layers.items(), desc="Quantizing weights")}
 
     model.to(saved_dtype(source))  # embeddings, norms, lm_head: stored as they were saved
-    # The compressor re-derives the codes as round(weight / scale); from codes * scale that division is
-    # exact, so the stored codes are ours. An all-zero row gets scale 1 instead of 0 (0 / 0 would be nan).
-    _with_plain_linears(model, {name: dequantized_weight(codes, scales) for name, (codes, scales) in
-                                codes_and_scales.items()})
+    _with_plain_linears(model, {name: weight for name, (weight, _, _) in stored.items()})
     config = compressed_tensors_config(settings, list(layers), output_layer)
     apply_quantization_config(model, config)
-    for name, (_, scales) in codes_and_scales.items():
-        model.get_submodule(name).weight_scale.data = torch.where(scales > 0, scales, torch.ones_like(scales))
+    for name, (_, scales, global_scale) in stored.items():
+        module = model.get_submodule(name)
+        module.weight_scale.data = scales
+        if global_scale is not None:
+            module.weight_global_scale.data = global_scale
 
     compressor = ModelCompressor.from_pretrained_model(model)
     # compressed-tensors 0.20 re-derives the config from the modules and finds a cached attention by its forward's
@@ -170,8 +174,8 @@ def export_packed(checkpoint: str | Path, out_dir: str | Path, force: bool = Fal
     compressor.quantization_config.kv_cache_scheme = config.kv_cache_scheme
     compressor.compress_model(model)
     _write_checkpoint(model, PACKED, source, out_dir, compressor)
-    logger.info("Wrote a packed %s checkpoint (W%d, compressed-tensors %s) to %s", type(model).__name__,
-                settings["w_bits"], config.format, out_dir)
+    logger.info("Wrote a packed %s checkpoint (%s, compressed-tensors %s) to %s", type(model).__name__,
+                QATConfig(**settings).label(), config.format, out_dir)
     return out_dir
 
 
@@ -184,8 +188,8 @@ def export_folded(checkpoint: str | Path, out_dir: str | Path, force: bool = Fal
     folded = {name: layer.quantized_weight().detach().clone() for name, layer in layers.items()}
     _with_plain_linears(model, folded)
     _write_checkpoint(model, FOLDED, source, out_dir)
-    logger.info("Wrote a folded float32 checkpoint (weights on the W%d grid) to %s",
-                model.config.llm_qat["w_bits"], out_dir)
+    logger.info("Wrote a folded float32 checkpoint (weights on the grid of %s) to %s",
+                QATConfig(**model.config.llm_qat).label(), out_dir)
     return out_dir
 
 

@@ -1,4 +1,4 @@
-"""The packed format: a QAT student as a compressed-tensors checkpoint of integer weights, and back.
+"""The packed format: a QAT student as a compressed-tensors checkpoint of integer or float weights, and back.
 
 The quantized weight of every `QuantLinear` is what it is, integer codes times one scale per output channel (or per
 group of columns): paper eq. 1, symmetric MinMax; on the full grid of the "deploy" recipe, compressed-tensors'.
@@ -10,12 +10,21 @@ per-token `output_activations` of k_proj/v_proj (post-RoPE keys: the `kv_cache_s
 schemes are the student's own quantizers, so plain transformers + compressed-tensors run the export as trained
 (pre-RoPE KV; docs/EXPORT.md says which engine runs what).
 
-This module owns the format: the codes and scales (`integer_weight`), the mapping of a student's `llm_qat` settings
+A floating-point scheme (models/schemes.py) is stored in compressed-tensors' own formats, by its own compressors
+given the student's scales: FP8 E4M3 weights (`float-quantized`, float32 scales per tensor or channel), NVFP4
+(`nvfp4-pack-quantized`: two E2M1 values per uint8, E4M3 `weight_scale` per group of 16 and the FP32
+`weight_global_scale` g, a value being code * weight_scale / g) and MXFP4 (`mxfp4-pack-quantized`, uint8 E8M0
+exponents per group of 32). Its activation and KV formats are described as they are, every scale dynamic as the
+student computes it. compressed-tensors 0.20 decompresses FP4 weights in bfloat16 only, so plain transformers runs
+those exports in bfloat16; FP8 ones run as trained in float32.
+
+This module owns the format: the codes and scales (`integer_weight`, `stored_weight`), the mapping of a student's `llm_qat` settings
 to compressed-tensors' words (`compressed_tensors_config`), recognising an export (`is_packed_export`) and reading it
 back as the student (`load_packed`), from its stored codes and scales, never re-derived. models/export.py writes it.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,8 +32,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .checkpoint import saved_config
-from .quantize import CONFIG_KEY, KV_PROJECTIONS, QuantLinear, quantize_model
+from .quantize import CONFIG_KEY, KV_PROJECTIONS, FloatQuantizer, QATConfig, QuantLinear, quantize_model
 from .quantizers import FULL_PRECISION
+from .schemes import QuantSpec
 
 
 def integer_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,19 +50,50 @@ def dequantized_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     return codes.float() * scales.repeat_interleave(codes.shape[-1] // scales.shape[-1], dim=-1)
 
 
+def stored_weight(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What compressed-tensors' compressor is handed for `layer`: the weight on its grid (float32, equal to
+    `layer.quantized_weight()`), the scales to store (`weight_scale`) and NVFP4's global scale (None otherwise).
+    The compressor re-derives the codes as round(weight / scale); from codes * scale that division is exact, so the
+    stored codes are the student's."""
+    if isinstance(layer.weight_quantizer, FloatQuantizer):
+        scales, global_scale = layer.weight_quantizer.scales(layer.weight.detach())
+        return layer.quantized_weight().detach(), scales, global_scale
+    codes, scales = integer_weight(layer)
+    # An all-zero row gets scale 1 instead of 0 (0 / 0 would be nan); its codes stay 0.
+    return dequantized_weight(codes, scales), torch.where(scales > 0, scales, torch.ones_like(scales)), None
+
+
+def quantization_args(spec: QuantSpec, **override):
+    """compressed-tensors' QuantizationArgs of `spec`, which uses its words already."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    fields = {**asdict(spec), **override}
+    scale_dtype = fields.pop("scale_dtype")
+    return QuantizationArgs(**fields, scale_dtype=getattr(torch, scale_dtype) if scale_dtype else None)
+
+
 def compressed_tensors_config(settings: dict, layer_names: list[str], output_layer: str):
     """The compressed-tensors QuantizationConfig describing a student with `settings` (llm_qat dict)."""
+    from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    w_bits, a_bits, kv_bits = settings["w_bits"], settings["a_bits"], settings["kv_bits"]
-    storage = "int-quantized" if w_bits == 8 else "pack-quantized"
-    group_size = settings.get("w_group_size")
-    weights = QuantizationArgs(num_bits=w_bits, type="int", symmetric=True, strategy="group" if group_size else
-                               "channel", group_size=group_size)
-    activations = None if a_bits == FULL_PRECISION else QuantizationArgs(
-        num_bits=a_bits, type="int", symmetric=settings["act_symmetric"], strategy="token", dynamic=True)
-    kv = None if kv_bits == FULL_PRECISION else QuantizationArgs(
-        num_bits=kv_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+    config = QATConfig(**settings)
+    if config.scheme:
+        weights = quantization_args(config.weight_spec)
+        # The student computes every activation scale at each forward; a static one (FP8's) would be calibrated.
+        activations = config.input_spec and quantization_args(config.input_spec, dynamic=True)
+        # FP8: compressed-tensors' name for float weights (its inference picks the generic naive-quantized)
+        storage = "float-quantized" if weights.num_bits == 8 else \
+            infer_module_format(nn.Linear, QuantizationScheme(targets=[], weights=weights)).value
+    else:
+        group_size = config.w_group_size
+        weights = QuantizationArgs(num_bits=config.w_bits, type="int", symmetric=True, group_size=group_size,
+                                   strategy="group" if group_size else "channel")
+        activations = None if config.a_bits == FULL_PRECISION else QuantizationArgs(
+            num_bits=config.a_bits, type="int", symmetric=config.act_symmetric, strategy="token", dynamic=True)
+        storage = "int-quantized" if config.w_bits == 8 else "pack-quantized"
+    kv = quantization_args(config.kv_spec) if config.kv_spec else None if config.kv_bits == FULL_PRECISION else \
+        QuantizationArgs(num_bits=config.kv_bits, type="int", symmetric=True, strategy="token", dynamic=True)
 
     def leaf_regex(names):  # one target per projection kind, e.g. "re:.*\.(q_proj|o_proj)$"
         leaves = sorted({name.rpartition(".")[2] for name in names})
@@ -60,7 +101,7 @@ def compressed_tensors_config(settings: dict, layer_names: list[str], output_lay
 
     # pre_rope: the KV quantizer sits on the k/v projection outputs; post_rope: on the cache (keys after rotary
     # embedding), which is what compressed-tensors' kv_cache_scheme describes.
-    post_rope = settings.get("kv_placement") == "post_rope"
+    post_rope = config.kv_placement == "post_rope"
     kv_layers = [] if post_rope else [name for name in layer_names if name.rpartition(".")[2] in KV_PROJECTIONS]
     other_layers = [name for name in layer_names if name not in kv_layers]
     groups = {}
@@ -75,7 +116,7 @@ def compressed_tensors_config(settings: dict, layer_names: list[str], output_lay
 
 
 def is_packed_export(path: str | Path) -> bool:
-    """A `scripts/export.py --format packed` checkpoint (compressed-tensors integer weights plus `llm_qat`)."""
+    """A `scripts/export.py --format packed` checkpoint (compressed-tensors weights plus `llm_qat`)."""
     config = saved_config(path)
     return bool(config.get(CONFIG_KEY)) and (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
 
@@ -91,6 +132,23 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def decompressed(tensors: dict[str, torch.Tensor], scheme) -> torch.Tensor:
+    """A layer's float32 weight from its stored `tensors` (local names), by compressed-tensors' decompressor of
+    `scheme.format`. Its NVFP4 decompressor unpacks the E2M1 values in bfloat16 (`unpack_fp4_from_uint8`'s default
+    dtype), which rounds code * scale / g; float32 holds it exactly, so that one is unpacked here in float32 and
+    dequantized by compressed-tensors' `dequantize`."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    if scheme.format != "nvfp4-pack-quantized":
+        return BaseCompressor.get_value_from_registry(scheme.format).decompress(tensors, scheme)["weight"].float()
+    packed = tensors["weight_packed"]
+    values = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+    return dequantize(values, tensors["weight_scale"].float(), args=scheme.weights,
+                      global_scale=tensors["weight_global_scale"], dtype=torch.float32)
+
+
 def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a `packed` export back as the quantized student (float32).
 
@@ -99,7 +157,6 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     then put back from `llm_qat`: on the paper's grid compressed-tensors' dynamic quantizers use a different
     range (scale = max|x| / (2^(b-1) - 0.5), codes down to -2^(b-1)), so running its forward would not give the
     student's logits; on the full grid they would (pre-RoPE KV), and this gives the same."""
-    from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules, match_targets
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -122,10 +179,9 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         scheme = schemes[match_targets(name, module, schemes)[0]]
         prefix = f"{name}."
         local = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        stored_scales[name] = local["weight_scale"].to(torch.float32)
-        decompressor = BaseCompressor.get_value_from_registry(scheme.format)
-        weight = decompressor.decompress(local, scheme)["weight"]
-        state[f"{prefix}weight"] = weight.to(torch.float32)
+        if scheme.weights.type == "int":
+            stored_scales[name] = local["weight_scale"].to(torch.float32)
+        state[f"{prefix}weight"] = decompressed(local, scheme)
         if "bias" in local:
             state[f"{prefix}bias"] = local["bias"]
     state.update(tensors)  # embeddings, norms, lm_head

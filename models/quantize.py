@@ -30,6 +30,12 @@ Three recipes, each only a set of defaults for the options `grid`, `ste_clip` an
     does, then scaled (`arithmetic="vllm"`); weight-only layers with their scales and dequantized weights in
     bfloat16, as its int4 kernel holds them.
 
+Floating-point formats (`QATConfig(scheme="NVFP4")`, and `kv_scheme="FP8"` for the KV cache) take the place of the
+integer bits: a preset of compressed-tensors (`models.schemes`) gives each tensor its format, and the layers get
+`FloatQuantizer`s (`models.float_quantizers`) where they had `IntQuantizer`s; each quantizer is a small module built
+from the config, so the same `QuantLinear` and `KVQuantizer` run either. The recipe's `ste_clip` applies to both;
+`grid` and `arithmetic` are integer options.
+
 The settings are written to `model.config.llm_qat`, so they travel with `save_pretrained`; `models.checkpoint`
 saves and reloads students.
 
@@ -50,9 +56,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .float_quantizers import check_float_spec, fake_quantize_float, stored_scales
 from .quantizers import (FULL_PRECISION, GRIDS, check_bits, fake_quantize, grouped, in_scale_dtype, integer_linear,
                          symmetric_codes, upcast)
 from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
+from .schemes import KV_SCHEMES, SCHEMES, QuantSpec
 
 KV_PROJECTIONS = ("k_proj", "v_proj")
 KV_PLACEMENTS = ("pre_rope", "post_rope")
@@ -108,6 +116,13 @@ class QATConfig:
         "help": "rotate the float model before quantizing (folded into the weights, plus online rotations of "
                 "down_proj's input and of post-RoPE keys): none (the paper), hadamard, random", "choices": ROTATIONS})
     rotate_seed: int = field(default=0, metadata={"help": "seed of the random signs / matrices of --rotate"})
+    scheme: str | None = field(default=None, metadata={
+        "help": "floating-point weights and input activations, a compressed-tensors preset (instead of --w_bits / "
+                "--a_bits): FP8 and FP8_DYNAMIC (E4M3), NVFP4, MXFP4, or NVFP4A16 / MXFP4A16 (weights only)",
+        "choices": tuple(SCHEMES)})
+    kv_scheme: str | None = field(default=None, metadata={
+        "help": "floating-point KV cache (instead of --kv_bits): FP8 (E4M3, one scale per token), FP8_TENSOR (one "
+                "per tensor)", "choices": tuple(KV_SCHEMES)})
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -134,12 +149,54 @@ class QATConfig:
             raise ValueError(f"kv_placement={self.kv_placement!r} is not one of {', '.join(KV_PLACEMENTS)}")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATIONS)}")
-        if self.rotate != "none" and self.kv_bits != FULL_PRECISION and self.kv_placement == "pre_rope":
+        self._check_schemes()
+        if self.rotate != "none" and self.kv_quantized and self.kv_placement == "pre_rope":
             raise ValueError(f"rotate={self.rotate} rotates keys after rotary embedding, where they are quantized "
                              "with kv_placement=post_rope: pass --kv_placement post_rope")
         if self.ste_clip is not None and not self.ste_clip > 0:
             raise ValueError(f"ste_clip={self.ste_clip!r} must be a positive number, or None to never clip "
                              f"(--ste_clip {NEVER_CLIP_FLAG} on a command line)")
+
+    def _check_schemes(self):
+        if self.scheme is not None and self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.kv_scheme is not None and self.kv_scheme not in KV_SCHEMES:
+            raise ValueError(f"kv_scheme={self.kv_scheme!r} is not one of {', '.join(KV_SCHEMES)}")
+        if self.kv_scheme and self.kv_bits != FULL_PRECISION:
+            raise ValueError(f"kv_scheme={self.kv_scheme} is the KV cache's format, kv_bits={self.kv_bits} another: "
+                             "drop one of --kv_scheme and --kv_bits")
+        if not self.scheme:
+            return
+        conflicts = [flag for flag, given in (
+            ("--w_bits", self.w_bits != FULL_PRECISION), ("--a_bits", self.a_bits != FULL_PRECISION),
+            ("--w_group_size", self.w_group_size is not None), ("--no_act_symmetric", not self.act_symmetric),
+            ("--recipe/--arithmetic vllm (vLLM's integer kernels)", self.arithmetic == "vllm")) if given]
+        if conflicts:
+            raise ValueError(f"scheme={self.scheme} sets the weight and activation formats; drop "
+                             f"{', '.join(conflicts)}")
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        """The floating-point format of the weights; None: integer (`w_bits`)."""
+        return SCHEMES[self.scheme].weights if self.scheme else None
+
+    @property
+    def input_spec(self) -> QuantSpec | None:
+        """The floating-point format of the input activations; None: integer (`a_bits`, 16 for a weight-only scheme)."""
+        return SCHEMES[self.scheme].input_activations if self.scheme else None
+
+    @property
+    def kv_spec(self) -> QuantSpec | None:
+        """The floating-point format of the KV cache; None: integer (`kv_bits`)."""
+        return KV_SCHEMES[self.kv_scheme] if self.kv_scheme else None
+
+    @property
+    def kv_quantized(self) -> bool:
+        return self.kv_bits != FULL_PRECISION or self.kv_scheme is not None
+
+    @property
+    def linears_quantized(self) -> bool:
+        return self.scheme is not None or {self.w_bits, self.a_bits} != {FULL_PRECISION}
 
     @property
     def integer_product(self) -> bool:
@@ -162,62 +219,165 @@ class QATConfig:
         """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
         weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`); then the recipe unless it is
         the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`); none of
-        these when nothing is quantized (`16-16-16`); last the rotation (`4-4-4k+hadamard`, `+hadamard.seed1`)."""
+        these when nothing is quantized (`16-16-16`); last the rotation (`4-4-4k+hadamard`, `+hadamard.seed1`).
+        A scheme replaces W-A (`NVFP4-kv4`), and a KV scheme the KV bits, in lower case without underscores
+        (`4-8-fp8`, `FP8_DYNAMIC-kvfp8tensor`)."""
         weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \
             else f"{self.w_bits}"
-        keys = "k" if self.kv_placement == "post_rope" and self.kv_bits != FULL_PRECISION else ""
+        kv = self.kv_scheme.lower().replace("_", "") if self.kv_scheme else f"{self.kv_bits}"
+        keys = "k" if self.kv_placement == "post_rope" and self.kv_quantized else ""
         recipe = [self.recipe] if self.recipe != "paper" else []
         recipe += [f"{name}={getattr(self, name)}".lower() for name, value in RECIPES[self.recipe].items()
                    if getattr(self, name) != value]
-        if {self.w_bits, self.a_bits, self.kv_bits} == {FULL_PRECISION}:  # nothing quantized: no recipe to tell
+        if not (self.linears_quantized or self.kv_quantized):  # nothing quantized: no recipe to tell
             recipe = []
         if self.rotate != "none":
             recipe.append(self.rotate + (f".seed{self.rotate_seed}" if self.rotate_seed else ""))
-        return f"{weights}-{self.a_bits}-{self.kv_bits}{keys}" + "".join(f"+{part}" for part in recipe)
+        bits = f"{self.scheme}-kv{kv}" if self.scheme else f"{weights}-{self.a_bits}-{kv}"
+        return f"{bits}{keys}" + "".join(f"+{part}" for part in recipe)
+
+
+class IntQuantizer(nn.Module):
+    """An integer fake quantizer (`models.quantizers.fake_quantize`) per row of the last dimension, or per group of
+    `group_size` values of it; 16 bits is the identity. A module, so that hooks can count its calls."""
+
+    def __init__(self, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0, group_size: int | None = None,
+                 grid: str = "paper", scale_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.bits, self.symmetric, self.ste_clip = bits, symmetric, ste_clip
+        self.group_size, self.grid, self.scale_dtype = group_size, grid, scale_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.bits, self.symmetric, self.ste_clip, self.group_size, self.grid, self.scale_dtype)
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The symmetric integer codes of `x` (float, x's shape) and their scales ([..., 1] per row, [..., n / G] per
+        group), with codes * scales == this quantizer's output."""
+        codes, scales = symmetric_codes(grouped(x, self.group_size), self.bits, self.grid, self.scale_dtype)
+        return (codes.reshape(x.shape), scales.squeeze(-1)) if self.group_size else (codes, scales)
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        symmetric = "" if self.symmetric else ", asymmetric"
+        scale_dtype = f", scale_dtype={self.scale_dtype}" if self.scale_dtype else ""
+        return f"bits={self.bits}{group}{symmetric}, grid={self.grid}{scale_dtype}"
+
+
+class FloatQuantizer(nn.Module):
+    """A floating-point fake quantizer (FP8, NVFP4, MXFP4: `models.float_quantizers`) of the format `spec`."""
+
+    scale_dtype = None  # an export's weights are held as stored: float32 holds code * scale exactly
+
+    def __init__(self, spec: QuantSpec, ste_clip: float | None):
+        super().__init__()
+        self.spec, self.ste_clip = check_float_spec(spec), ste_clip
+
+    @property
+    def bits(self) -> int:
+        return self.spec.num_bits
+
+    @property
+    def group_size(self) -> int | None:
+        return self.spec.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.spec.symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_float(x, self.spec, self.ste_clip)
+
+    def scales(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales compressed-tensors stores for `weight` ([out, in]) in this format: [1] per tensor, [out, 1] per
+        channel, [out, in / G] per group; and NVFP4's global scale [1] (None for the others)."""
+        scale, global_scale = stored_scales(grouped(upcast(weight), self.group_size), self.spec)
+        return (scale.reshape(1) if self.spec.strategy == "tensor" else
+                scale.squeeze(-1) if self.group_size else scale), global_scale
+
+    def extra_repr(self):
+        return ", ".join(f"{name}={value}" for name, value in asdict(self.spec).items() if value is not None)
+
+
+def _quantizer(spec: QuantSpec | None, bits: int, config: QATConfig, **integer) -> IntQuantizer | FloatQuantizer:
+    """The floating-point quantizer of `spec`, else the integer one of `bits` with `config`'s grid."""
+    if spec is not None:
+        return FloatQuantizer(spec, config.ste_clip)
+    return IntQuantizer(bits, ste_clip=config.ste_clip, grid=config.grid, **integer)
+
+
+def weight_quantizer(config: QATConfig) -> IntQuantizer | FloatQuantizer:
+    return _quantizer(config.weight_spec, config.w_bits, config, group_size=config.w_group_size,
+                      scale_dtype=config.weight_scale_dtype)
+
+
+def input_quantizer(config: QATConfig) -> IntQuantizer | FloatQuantizer:
+    return _quantizer(config.input_spec, config.a_bits, config, symmetric=config.act_symmetric)
+
+
+def kv_quantizer(config: QATConfig) -> IntQuantizer | FloatQuantizer:
+    return _quantizer(config.kv_spec, config.kv_bits, config)
 
 
 class KVQuantizer(nn.Module):
     """The KV-cache quantizer (paper section 2.2): keys or values fake-quantized per token, one scale across all
-    heads, on rows [..., tokens, heads * head_dim]. With a rotation (keys after RoPE, R3) each head is quantized in
-    the rotated basis and turned back, Q(k R3) R3^T, which is what rotating queries and cached keys gives attention.
+    heads, on rows [..., tokens, heads * head_dim], by `quantizer` (`kv_quantizer(config)`). With a rotation (keys
+    after RoPE, R3) each head is quantized in the rotated basis and turned back, Q(k R3) R3^T, which is what rotating
+    queries and cached keys gives attention.
     A module, so that hooks can count its calls: tests prove it runs instead of inferring it from the logits."""
 
-    def __init__(self, bits: int, ste_clip: float | None, grid: str, rotation: str = "none", rotate_seed: int = 0,
+    def __init__(self, quantizer: IntQuantizer | FloatQuantizer, rotation: str = "none", rotate_seed: int = 0,
                  head_dim: int | None = None):
         super().__init__()
-        self.bits, self.ste_clip, self.grid = bits, ste_clip, grid
+        self.quantizer = quantizer
         self.rotation, self.rotate_seed, self.head_dim = rotation, rotate_seed, head_dim
+
+    @property
+    def bits(self) -> int:
+        return self.quantizer.bits
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if self.rotation == "none":
-            return fake_quantize(rows, self.bits, True, self.ste_clip, None, self.grid)
+            return self.quantizer(rows)
         heads = rows.unflatten(-1, (-1, self.head_dim))
         rotated = rotate(heads, self.rotation, self.rotate_seed, KEY).flatten(-2)
-        quantized = fake_quantize(rotated, self.bits, True, self.ste_clip, None, self.grid)
-        return rotate(quantized.unflatten(-1, (-1, self.head_dim)), self.rotation, self.rotate_seed, KEY,
-                      inverse=True).flatten(-2)
+        return rotate(self.quantizer(rotated).unflatten(-1, (-1, self.head_dim)), self.rotation, self.rotate_seed,
+                      KEY, inverse=True).flatten(-2)
 
     def extra_repr(self):
-        rotation = f", rotation={self.rotation}, seed={self.rotate_seed}" if self.rotation != "none" else ""
-        return f"bits={self.bits}, grid={self.grid}{rotation}"
+        return f"rotation={self.rotation}, seed={self.rotate_seed}" if self.rotation != "none" else ""
 
 
 class QuantLinear(nn.Linear):
-    """`nn.Linear` with fake-quantized input and weight; an `input_rotation` (down_proj's R4) turns the input before
-    it is quantized, and an `output_quantizer` (k_proj / v_proj with pre-RoPE KV) quantizes the output."""
+    """`nn.Linear` with fake-quantized input and weight (`input_quantizer`, `weight_quantizer`); an `input_rotation`
+    (down_proj's R4) turns the input before it is quantized, and an `output_quantizer` (k_proj / v_proj with pre-RoPE
+    KV) quantizes the output."""
 
     def __init__(self, linear: nn.Linear, config: QATConfig, output_quantizer: KVQuantizer | None = None,
                  input_rotation: nn.Module | None = None, weight_on_grid: bool = False):
         nn.Module.__init__(self)  # reuse `linear`'s parameters as they are: no copy, no re-initialisation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.w_bits, self.a_bits = config.w_bits, config.a_bits
-        self.act_symmetric, self.ste_clip, self.w_group_size = config.act_symmetric, config.ste_clip, config.w_group_size
+        self.weight_quantizer, self.input_quantizer = weight_quantizer(config), input_quantizer(config)
         self.grid, self.integer_product = config.grid, config.integer_product
-        self.scale_dtype = config.weight_scale_dtype
         self.input_rotation, self.output_quantizer = input_rotation, output_quantizer
         self.weight_on_grid = weight_on_grid  # an export's weight: codes * scales as stored, never re-derived
         self.register_buffer("weight_scale", None, persistent=False)  # an export's stored scales (models.packed)
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int:
+        return self.input_quantizer.bits
+
+    @property
+    def w_group_size(self) -> int | None:
+        return self.weight_quantizer.group_size
+
+    @property
+    def act_symmetric(self) -> bool:
+        return self.input_quantizer.symmetric
 
     @property
     def out_bits(self) -> int:
@@ -225,9 +385,8 @@ class QuantLinear(nn.Linear):
 
     def quantized_weight(self):
         if self.weight_on_grid:  # re-deriving the scales is not idempotent on the full grid (int4: max 8s vs 7.5s)
-            return in_scale_dtype(self.weight, self.scale_dtype)  # codes * scales as the engine dequantizes them
-        return fake_quantize(self.weight, self.w_bits, True, self.ste_clip, self.w_group_size, self.grid,
-                             self.scale_dtype)
+            return in_scale_dtype(self.weight, self.weight_quantizer.scale_dtype)  # as the engine dequantizes them
+        return self.weight_quantizer(self.weight)
 
     def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight's integer codes (float, [out, in]) and scales ([out, 1] per channel, [out, in / G] per group),
@@ -236,26 +395,21 @@ class QuantLinear(nn.Linear):
         if self.weight_on_grid and self.weight_scale is not None:
             weight, scales = upcast(weight), self.weight_scale.to(upcast(weight).dtype)
             return torch.round(weight / scales.repeat_interleave(weight.shape[-1] // scales.shape[-1], -1)), scales
-        codes, scales = symmetric_codes(grouped(weight, self.w_group_size), self.w_bits, self.grid, self.scale_dtype)
-        return (codes.reshape(weight.shape), scales.squeeze(-1)) if self.w_group_size else (codes, scales)
+        return self.weight_quantizer.codes(weight)
 
     def forward(self, x):
         if self.input_rotation is not None:
             x = self.input_rotation(x)
-        x_q = fake_quantize(x, self.a_bits, self.act_symmetric, self.ste_clip, None, self.grid)
+        x_q = self.input_quantizer(x)
         if self.integer_product:
-            x_codes, x_scale = symmetric_codes(x.detach(), self.a_bits, self.grid)
+            x_codes, x_scale = self.input_quantizer.codes(x.detach())
             y = integer_linear(x_q, self.quantized_weight(), self.bias, x_codes, x_scale, *self.weight_codes())
         else:
             y = F.linear(x_q, self.quantized_weight(), self.bias)
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def extra_repr(self):
-        group = f", w_group_size={self.w_group_size}" if self.w_group_size else ""
-        arithmetic = ", integer product" if self.integer_product else ""
-        scale_dtype = f", scale_dtype={self.scale_dtype}" if self.scale_dtype else ""
-        return (f"{super().extra_repr()}, w_bits={self.w_bits}{group}, a_bits={self.a_bits}, grid={self.grid}"
-                f"{arithmetic}{scale_dtype}")
+        return f"{super().extra_repr()}{', integer product' if self.integer_product else ''}"
 
 
 # ---- post-RoPE KV: quantized where attention reads the cache ----
@@ -324,9 +478,8 @@ def _set_post_rope_kv(model: nn.Module, attentions: list[nn.Module], config: QAT
                 delattr(attention, name)
         if config is not None:
             head_dim = attention.k_proj.out_features // model.config.num_key_value_heads
-            attention.key_quantizer = KVQuantizer(config.kv_bits, config.ste_clip, config.grid, config.rotate,
-                                                  config.rotate_seed, head_dim)
-            attention.value_quantizer = KVQuantizer(config.kv_bits, config.ste_clip, config.grid)
+            attention.key_quantizer = KVQuantizer(kv_quantizer(config), config.rotate, config.rotate_seed, head_dim)
+            attention.value_quantizer = KVQuantizer(kv_quantizer(config))
             attention._llm_qat_kv_hooks = (attention.register_forward_pre_hook(_expect_quantized_kv),
                                            attention.register_forward_hook(_check_quantized_kv))
     wanted = post_rope_attention(base) if config is not None else base
@@ -341,26 +494,34 @@ def _stored_on_grid(model: nn.Module, config: QATConfig) -> bool:
     """Whether the model's weights are an export's, already on the grid `config` asks for (used as they are), after
     refusing a weight quantizer other than the one that wrote them."""
     exported = getattr(model.config, EXPORT_KEY, None)
-    if not exported or config.w_bits == FULL_PRECISION:
+    if not exported or config.weight_spec is None and config.w_bits == FULL_PRECISION:
         return False
     saved = QATConfig(**getattr(model.config, CONFIG_KEY))
-    weight_settings = ("w_bits", "w_group_size", "grid")
-    if any(getattr(saved, name) != getattr(config, name) for name in weight_settings):
-        raise ValueError(f"this model's weights are a {exported} export's, on the grid of "
-                         f"{', '.join(f'{name}={getattr(saved, name)}' for name in weight_settings)}; keep those "
+    integer = ("w_bits", "w_group_size", "grid")
+    if any(getattr(saved, name) != getattr(config, name) for name in (*integer, "weight_spec")):
+        described = f"scheme={saved.scheme}" if saved.scheme else ", ".join(f"{name}={getattr(saved, name)}"
+                                                                            for name in integer)
+        raise ValueError(f"this model's weights are a {exported} export's, on the grid of {described}; keep those "
                          "settings, or quantize the checkpoint it was exported from")
     return True
 
 
-def check_group_size(group_size: int | None, layers: dict[str, nn.Linear]) -> None:
-    """Group-wise weights need G to divide every quantized layer's input width."""
+def check_group_size(config: QATConfig, layers: dict[str, nn.Linear]) -> None:
+    """Group-wise weights (and a scheme's group-wise activations) need G to divide every quantized layer's input
+    width."""
+    group_size = config.weight_spec.group_size if config.scheme else config.w_group_size
     bad = {name: layer.in_features for name, layer in layers.items() if group_size and layer.in_features % group_size}
-    if bad:
-        common = math.gcd(*(layer.in_features for layer in layers.values()))
-        divisors = [str(d) for d in range(1, common + 1) if common % d == 0]
-        name, width = next(iter(bad.items()))
-        raise ValueError(f"w_group_size={group_size} does not divide the {width} input columns of {name}; use one "
-                         f"of: {', '.join(divisors)}")
+    if not bad:
+        return
+    name, width = next(iter(bad.items()))
+    if config.scheme:
+        ungrouped = [scheme for scheme, formats in SCHEMES.items() if formats.weights.group_size is None]
+        raise ValueError(f"scheme={config.scheme} quantizes groups of {group_size} input columns, which do not divide "
+                         f"the {width} of {name}; use a scheme without groups ({', '.join(ungrouped)})")
+    common = math.gcd(*(layer.in_features for layer in layers.values()))
+    divisors = [str(d) for d in range(1, common + 1) if common % d == 0]
+    raise ValueError(f"w_group_size={group_size} does not divide the {width} input columns of {name}; use one "
+                     f"of: {', '.join(divisors)}")
 
 
 def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
@@ -370,14 +531,15 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
     output_layer = model.get_output_embeddings()
     targets = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and module is not output_layer}
-    if not targets and {config.w_bits, config.a_bits} != {FULL_PRECISION}:
+    if not targets and config.linears_quantized:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize (GPT-2, for one, uses Conv1D); "
                          "use a LLaMA-family model")
-    if config.kv_bits != FULL_PRECISION and not any(name.rpartition(".")[2] in KV_PROJECTIONS for name in targets):
-        raise ValueError(f"kv_bits={config.kv_bits} needs k_proj/v_proj layers, which {type(model).__name__} does "
-                         "not have; use kv_bits=16 for this architecture")
-    if config.w_bits != FULL_PRECISION:
-        check_group_size(config.w_group_size, targets)
+    if config.kv_quantized and not any(name.rpartition(".")[2] in KV_PROJECTIONS for name in targets):
+        kv = f"kv_scheme={config.kv_scheme}" if config.kv_scheme else f"kv_bits={config.kv_bits}"
+        raise ValueError(f"{kv} needs k_proj/v_proj layers, which {type(model).__name__} does not have; use "
+                         "kv_bits=16 for this architecture")
+    if config.w_bits != FULL_PRECISION or config.scheme:
+        check_group_size(config, targets)
     rotated = QATConfig(**getattr(model.config, CONFIG_KEY, None) or {})  # what the weights hold already
     if (rotated.rotate, rotated.rotate_seed) != (config.rotate, config.rotate_seed):
         if rotated.rotate != "none":
@@ -386,11 +548,11 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
         rotate_model(model, config.rotate, config.rotate_seed)
     weights_on_grid = _stored_on_grid(model, config)
     pre_rope = config.kv_placement == "pre_rope"
-    kv_quantized = config.kv_bits != FULL_PRECISION
+    kv_quantized = config.kv_quantized
     for name, linear in targets.items():  # a QuantLinear (re-quantizing a student) is rebuilt with the new bits
         parent_name, _, child = name.rpartition(".")
-        output_quantizer = KVQuantizer(config.kv_bits, config.ste_clip, config.grid) \
-            if child in KV_PROJECTIONS and pre_rope and kv_quantized else None
+        output_quantizer = KVQuantizer(kv_quantizer(config)) if child in KV_PROJECTIONS and pre_rope and kv_quantized \
+            else None
         input_rotation = OnlineRotation(config.rotate, linear.in_features, config.rotate_seed, DOWN_PROJ_INPUT) \
             if child == "down_proj" and config.rotate != "none" else None
         setattr(model.get_submodule(parent_name), child,

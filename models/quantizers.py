@@ -35,6 +35,8 @@ On the full grid it is also zeroed where the grid clips, i.e. where round(X / s 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -135,25 +137,38 @@ def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x if group_size is None else x.unflatten(-1, (-1, group_size))
 
 
-class _FakeQuantizeSTE(torch.autograd.Function):
+def _integer(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, grid: str,
+             scale_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The integer fake quantization of `x` and where its gradient passes (None: everywhere; the paper's grid gives
+    every value a code)."""
+    rows = grouped(x, group_size)
+    if grid == "full":
+        x_q, inside = _full(rows, bits, symmetric, scale_dtype)
+        return x_q.reshape(x.shape), inside.reshape(x.shape)
+    x_q = _symmetric(rows, bits, scale_dtype) if symmetric else _asymmetric(rows, bits)
+    return x_q.reshape(x.shape), None
+
+
+class _StraightThrough(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bits, symmetric, ste_clip, group_size, grid, scale_dtype):
-        rows = grouped(x, group_size)
-        if grid == "full":
-            x_q, inside = _full(rows, bits, symmetric, scale_dtype)
-            inside = inside.reshape(x.shape)
-        else:
-            x_q, inside = _symmetric(rows, bits, scale_dtype) if symmetric else _asymmetric(rows, bits), None
+    def forward(ctx, x, quantize, ste_clip):
+        x_q, inside = quantize(x)
         if ste_clip is not None:
             small = x.abs() < ste_clip
             inside = small if inside is None else inside & small
         ctx.save_for_backward(inside)  # a bool mask (1 byte per value, not a copy of x), or None: pass everywhere
-        return x_q.reshape(x.shape)
+        return x_q
 
     @staticmethod
     def backward(ctx, grad_output):
         (inside,) = ctx.saved_tensors
-        return grad_output if inside is None else grad_output * inside, None, None, None, None, None, None
+        return grad_output if inside is None else grad_output * inside, None, None
+
+
+def straight_through(x: torch.Tensor, quantize, ste_clip: float | None) -> torch.Tensor:
+    """`quantize(x)`, which returns the fake-quantized x and where its gradient passes (a bool mask, or None for
+    everywhere), with that straight-through gradient, also zeroed where |x| >= `ste_clip` unless it is None."""
+    return _StraightThrough.apply(x, quantize, ste_clip)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0,
@@ -164,7 +179,8 @@ def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool = True, ste_clip: 
     dequantized values rounded to it, as an engine that holds them in that dtype computes."""
     if bits == FULL_PRECISION:
         return x
-    return _FakeQuantizeSTE.apply(x, bits, symmetric, ste_clip, group_size, grid, scale_dtype)
+    return straight_through(x, partial(_integer, bits=bits, symmetric=symmetric, group_size=group_size, grid=grid,
+                                       scale_dtype=scale_dtype), ste_clip)
 
 
 # Integer products are summed in float32 blocks of this many columns: every partial sum of int8 x int8 codes

@@ -6,10 +6,14 @@
 #   ENGINE=vllm make demo      the data written by vLLM (make vllm first; `make demo` does it then)
 #   TEACHER=cached make demo   the data with the teacher's top-32 log-probs, and QAT without loading the teacher
 #   SAVE_TOPK=128 TEACHER=cached TOPK=8 make demo   QAT from the top-8 of data saved with the top-128
+#   SCHEME=NVFP4 KV_SCHEME=FP8 make demo   floating-point formats (compressed-tensors presets) instead of W A KV bits
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-W_BITS=${W_BITS:-4} A_BITS=${A_BITS:-8} KV_BITS=${KV_BITS:-4}
+SCHEME=${SCHEME:-}                              # e.g. NVFP4: floating-point weights and activations (W, A = 16)
+KV_SCHEME=${KV_SCHEME:-}                        # e.g. FP8: floating-point KV cache (KV = 16)
+W_BITS=${W_BITS:-$([ -n "$SCHEME" ] && echo 16 || echo 4)} A_BITS=${A_BITS:-$([ -n "$SCHEME" ] && echo 16 || echo 8)}
+KV_BITS=${KV_BITS:-$([ -n "$KV_SCHEME" ] && echo 16 || echo 4)}
 W_GROUP_SIZE=${W_GROUP_SIZE:-}                  # e.g. 64: group-wise weights (default: per output channel)
 KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}          # post_rope: keys quantized after rotary embedding
 RECIPE=${RECIPE:-paper}                         # deploy: the grid compressed-tensors / vLLM run (README)
@@ -29,9 +33,11 @@ DATA_DIR=${DATA_DIR:-}                          # default: a folder in OUT named
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
-BITS="W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")"
+BITS="${SCHEME:-W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}}KV${KV_SCHEME:-$KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")"
 rtn_options=(--kv-placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && rtn_options+=(--w-group-size "$W_GROUP_SIZE")
+[ -n "$SCHEME" ] && rtn_options+=(--scheme "$SCHEME")
+[ -n "$KV_SCHEME" ] && rtn_options+=(--kv-scheme "$KV_SCHEME")
 case "$ENGINE/$TEACHER" in
   hf/model|hf/cached|vllm/model|vllm/cached) ;;
   *) echo "[demo] ENGINE=$ENGINE TEACHER=$TEACHER: use ENGINE=hf or vllm, TEACHER=model or cached" >&2; exit 2 ;;
@@ -83,7 +89,7 @@ train() {
   fi
   DATA="$DATA_DIR/all.jsonl" OUTPUT_DIR="$QAT_DIR" CPU_MAX_LENGTH="$SEQ_LEN" CPU_BATCH_SIZE="$BATCH_SIZE" \
     CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" W_GROUP_SIZE="$W_GROUP_SIZE" \
-    KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" ROTATE="$ROTATE" \
+    KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" ROTATE="$ROTATE" SCHEME="$SCHEME" KV_SCHEME="$KV_SCHEME" \
     bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED" "${train_options[@]}"
 }
 

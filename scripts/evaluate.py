@@ -24,7 +24,9 @@ from transformers import AutoConfig
 
 from models.checkpoint import saved_settings
 from models.quantize import CONFIG_KEY, KV_PLACEMENTS, RECIPES, QATConfig, quantize_model
+from models.quantizers import FULL_PRECISION
 from models.rotations import ROTATIONS
+from models.schemes import KV_SCHEMES, SCHEMES
 from utils.data.records import TeacherIdentity, model_display_name
 from utils.evaluation.baselines import applied_quantization, saved_baseline
 from utils.evaluation.harness import DEFAULT_TASKS, flatten_results, log_quantization, run_harness
@@ -79,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--rotate", choices=ROTATIONS, help="RTN: rotate the float model before quantizing (default: "
                         "none, the paper's; hadamard / random: README 'Rotations')")
     parser.add_argument("--rotate-seed", type=int, help="RTN: seed of --rotate (default 0)")
+    parser.add_argument("--scheme", choices=tuple(SCHEMES), help="RTN: floating-point weights and activations, a "
+                        "compressed-tensors preset (instead of W and A: give 16 16 KV or no bits)")
+    parser.add_argument("--kv-scheme", choices=tuple(KV_SCHEMES), help="RTN: floating-point KV cache (instead of KV)")
     parser.add_argument("--output", help="result JSON file (default: results/<model>-<method>-<bits>.json)")
     args = parser.parse_args(argv)
     if len(args.bits) not in (0, 3):
@@ -95,7 +100,17 @@ def parse_args(argv=None):
 
 def rtn_options(args) -> dict:
     return {"w_group_size": args.w_group_size, "kv_placement": args.kv_placement, "recipe": args.recipe,
-            "rotate": args.rotate, "rotate_seed": args.rotate_seed}
+            "rotate": args.rotate, "rotate_seed": args.rotate_seed, "scheme": args.scheme, "kv_scheme": args.kv_scheme}
+
+
+def recorded_bits(config: QATConfig) -> dict:
+    """The result's W / A / KV widths, a floating-point format's own (NVFP4: 4 / 4), and the formats' names."""
+    def width(spec, bits):
+        return spec.num_bits if spec else bits
+
+    bits = {"w": width(config.weight_spec, config.w_bits), "kv": width(config.kv_spec, config.kv_bits),
+            "a": width(config.input_spec, FULL_PRECISION if config.scheme else config.a_bits)}
+    return bits | {name: getattr(config, name) for name in ("scheme", "kv_scheme") if getattr(config, name)}
 
 
 def evaluated_method(args, saved: QATConfig | None, baseline: dict | None = None) -> tuple[str, QATConfig]:
@@ -106,8 +121,8 @@ def evaluated_method(args, saved: QATConfig | None, baseline: dict | None = None
     if saved is not None:
         if args.bits or any(value is not None for value in rtn_options(args).values()):
             raise ValueError(f"{args.model} is already a QAT checkpoint ({saved.label()}); omit W A KV, "
-                             "--w-group-size, --kv-placement, --recipe and --rotate(-seed), which are for the RTN "
-                             "baseline of a full-precision model")
+                             "--w-group-size, --kv-placement, --recipe, --rotate(-seed) and --(kv-)scheme, which are "
+                             "for the RTN baseline of a full-precision model")
         if args.heldout and not args.teacher:
             raise ValueError("--heldout on a QAT checkpoint needs --teacher MODEL, the full-precision model it was "
                              "trained from ('default' for the embedded SmolLM2-135M)")
@@ -190,7 +205,7 @@ def evaluate(args) -> dict:
 
     record = {
         "method": method,
-        "bits": {"w": bits.w_bits, "a": bits.a_bits, "kv": bits.kv_bits},
+        "bits": recorded_bits(bits),
         "label": bits.label(),  # the bits with the options that change the model, e.g. 4g128-8-4k
         "quantization": asdict(applied_quantization(baseline, bits) if baseline else bits),
         **({"baseline": baseline} if baseline else {}),

@@ -1,6 +1,6 @@
 """Export a QAT checkpoint as a real low-bit checkpoint (`packed`) or a plain float one (`folded`).
 
-    python scripts/export.py CKPT OUT --format packed   # integer weights, compressed-tensors (vLLM, llm-compressor)
+    python scripts/export.py CKPT OUT --format packed   # integer / FP8 / FP4 weights, compressed-tensors (vLLM, llm-compressor)
     python scripts/export.py CKPT OUT --format folded   # float weights holding the quantized values
 
 CKPT is a directory saved by a QAT run (its config.json has `llm_qat`). See docs/EXPORT.md.
@@ -24,7 +24,8 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="QAT checkpoint directory (saved by models.save_quantized)")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--format", choices=FORMATS, default=PACKED,
-                        help="packed: integer weights + scales (compressed-tensors); folded: dequantized float weights")
+                        help="packed: integer, FP8, NVFP4 or MXFP4 weights + scales (compressed-tensors); folded: "
+                        "dequantized float weights")
     parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty output directory "
                         "(never allowed: the checkpoint itself, or a training run and its checkpoints)")
     args = parser.parse_args(argv)

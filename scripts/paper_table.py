@@ -269,7 +269,7 @@ class PaperTable:
                "CPU_LEARNING_RATE": args.learning_rate, "CPU_EPOCHS": str(args.epochs),
                # run_train.sh's quantizer options, set here so that none leaks in from the user's environment
                "W_GROUP_SIZE": str(w_group_size or ""), "RECIPE": recipe, "ROTATE": rotate,
-               "KV_PLACEMENT": kv_placement(bits, rotate)}
+               "KV_PLACEMENT": kv_placement(bits, rotate), "SCHEME": "", "KV_SCHEME": ""}
         command = ["bash", "scripts/run_train.sh", *bits.split("-"), "--save_strategy", "no", "--seed", str(args.seed),
                    "--loss", loss]
         return Cell(name, "QAT training", settings, key, folder / "config.json", ((name, command),), env)

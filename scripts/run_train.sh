@@ -6,8 +6,9 @@
 # Quantizer options beyond the paper's: RECIPE=deploy (the grid compressed-tensors runs in transformers) or
 # RECIPE=vllm (what vLLM's CPU kernels compute; README "Recipes"), W_GROUP_SIZE=128 (group-wise weights),
 # KV_PLACEMENT=post_rope (keys quantized after rotary embedding), ROTATE=hadamard (orthogonal rotations before
-# quantizing, for 4-bit activations; with KV below 16 bits it needs KV_PLACEMENT=post_rope); or any train.py flag
-# after the bits.
+# quantizing, for 4-bit activations; with KV below 16 bits it needs KV_PLACEMENT=post_rope); SCHEME=NVFP4 (floating-point
+# weights and activations, a compressed-tensors preset, with W A = 16 16) and KV_SCHEME=FP8 (with KV = 16); or any
+# train.py flag after the bits.
 # On GPUs it prints the memory plan (scripts/plan_memory.py), then launches torchrun over every visible device with
 # the released LLaMA-7B recipe (bf16, gradient checkpointing, FSDP full_shard per decoder layer, with CPU offload
 # when the plan does not fit, sequence length 2048). On CPU it runs a small, quick
@@ -25,12 +26,17 @@ W_GROUP_SIZE=${W_GROUP_SIZE:-}                     # empty = one weight scale pe
 KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}             # pre_rope (the paper's) or post_rope
 RECIPE=${RECIPE:-paper}                            # paper, deploy or vllm
 ROTATE=${ROTATE:-none}                             # none (the paper's), hadamard or random
+SCHEME=${SCHEME:-}                                 # empty = integer W and A bits; FP8, FP8_DYNAMIC, NVFP4, MXFP4, ...
+KV_SCHEME=${KV_SCHEME:-}                           # empty = integer KV bits; FP8 or FP8_TENSOR
 options=(--kv_placement "$KV_PLACEMENT" --recipe "$RECIPE" --rotate "$ROTATE")
 [ -n "$W_GROUP_SIZE" ] && options+=(--w_group_size "$W_GROUP_SIZE")
+[ -n "$SCHEME" ] && options+=(--scheme "$SCHEME")
+[ -n "$KV_SCHEME" ] && options+=(--kv_scheme "$KV_SCHEME")
 
 MODEL=${MODEL:-}                                   # teacher; empty = the embedded SmolLM2-135M-Instruct
 DATA=${DATA:-gen_data/all.jsonl}                   # merged synthetic data (created below if missing)
-OUTPUT_DIR=${OUTPUT_DIR:-output/W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}KV${KV_BITS}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")}
+BITS_NAME=${SCHEME:-W${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}A${A_BITS}}KV${KV_SCHEME:-$KV_BITS}  # e.g. W4A8KV4, NVFP4KVFP8
+OUTPUT_DIR=${OUTPUT_DIR:-output/${BITS_NAME}$([ "$KV_PLACEMENT" = post_rope ] && echo k || true)$([ "$RECIPE" = paper ] || echo "-$RECIPE")$([ "$ROTATE" = none ] || echo "-$ROTATE")}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 # CPU-sized settings (a few minutes on 2 cores); the GPU path uses the paper's settings instead.
 CPU_MAX_LENGTH=${CPU_MAX_LENGTH:-128}
@@ -85,10 +91,10 @@ if [ "$NUM_GPUS" -gt 0 ]; then
   else
     echo "[run_train] no memory plan for $model_dir (no local config.json?); launching without one" >&2
   fi
-  echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on $NUM_GPUS GPU(s), torchrun + FSDP ($sharding) -> $OUTPUT_DIR"
+  echo "[run_train] $BITS_NAME on $NUM_GPUS GPU(s), torchrun + FSDP ($sharding) -> $OUTPUT_DIR"
   exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" "${common[@]}" "${recipe[@]}" \
     --fsdp "$sharding" --fsdp_config scripts/fsdp_config.json "$@"
 else
-  echo "[run_train] W${W_BITS}A${A_BITS}KV${KV_BITS} on CPU (quick settings) -> $OUTPUT_DIR"
+  echo "[run_train] $BITS_NAME on CPU (quick settings) -> $OUTPUT_DIR"
   exec "$PYTHON" "${common[@]}" "${recipe[@]}" "$@"
 fi

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.checkpoint import save_quantized
 from models.export import export, export_folded, export_packed
-from models.packed import integer_weight, load_packed
+from models.packed import decompressed, integer_weight, load_packed
 from models.quantize import QATConfig, QuantLinear, quantize_model, quantized_modules
 from utils.training.loading import load_model
 
@@ -115,7 +115,8 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
             assert kv | {"num_bits": 4, "strategy": "token", "dynamic": True} == kv
     assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
                                  "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper",
-                                 "arithmetic": "float", "rotate": "none", "rotate_seed": 0}
+                                 "arithmetic": "float", "rotate": "none", "rotate_seed": 0, "scheme": None,
+                                 "kv_scheme": None}
     assert "auto_map" not in config
 
 
@@ -222,6 +223,134 @@ def test_packed_refuses_unquantized_weights(tmp_path):
     with pytest.raises(ValueError, match="packed format needs w_bits in 2..8"):
         export_packed(checkpoint, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
+
+
+# ---- floating-point schemes: compressed-tensors' FP8, NVFP4 and MXFP4 formats ----
+
+FLOAT_STUDENTS = [dict(scheme="NVFP4A16"), dict(scheme="MXFP4", kv_scheme="FP8"), dict(scheme="MXFP4A16"),
+                  dict(scheme="FP8", kv_scheme="FP8_TENSOR"), dict(scheme="FP8_DYNAMIC", kv_scheme="FP8"),
+                  dict(w_bits=4, kv_scheme="FP8", kv_placement="post_rope")]
+FLOAT_IDS = ["NVFP4A16", "MXFP4-kvfp8", "MXFP4A16", "FP8-kvfp8tensor", "FP8_DYNAMIC-kvfp8", "4-16-fp8k"]
+
+
+def save_float_student(directory: Path, options: dict) -> Path:
+    options = dict(options)
+    return save_student(directory, options.pop("w_bits", 16), 16, 16, options=options)
+
+
+def stored_layer_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        return {key.removeprefix(f"{name}."): handle.get_tensor(key) for key in handle.keys()
+                if key.startswith(f"{name}.")}
+
+
+@pytest.mark.parametrize("options", FLOAT_STUDENTS, ids=FLOAT_IDS)
+def test_float_exports_decompress_to_the_students_weights_bit_for_bit(tmp_path, options):
+    """compressed-tensors' own tensors, by its own decompressors (NVFP4's in float32: its default rounds to bf16)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    checkpoint = save_float_student(tmp_path / "qat", options)
+    packed = export_packed(checkpoint, tmp_path / "packed")
+    packing = QuantizationConfig.model_validate(json.loads((packed / "config.json").read_text())["quantization_config"])
+    scheme = next(iter(packing.config_groups.values()))
+    for name, layer in quantized_modules(load_model(checkpoint)).items():
+        stored = stored_layer_tensors(packed, name)
+        expected = layer.quantized_weight()
+        assert torch.equal(decompressed(stored, scheme), expected), name
+        library = BaseCompressor.get_value_from_registry(scheme.format).decompress(stored, scheme)["weight"]
+        assert torch.equal(library, expected.to(library.dtype)), name  # FP4: bfloat16, exactly expected rounded
+    nvfp4 = ("nvfp4-pack-quantized", {"weight_packed": torch.uint8, "weight_scale": torch.float8_e4m3fn,
+                                      "weight_global_scale": torch.float32})
+    mxfp4 = ("mxfp4-pack-quantized", {"weight_packed": torch.uint8, "weight_scale": torch.uint8})
+    fp8 = ("float-quantized", {"weight": torch.float8_e4m3fn, "weight_scale": torch.float32})
+    integer = ("pack-quantized", {"weight_packed": torch.int32, "weight_scale": torch.float32, "weight_shape": torch.int64})
+    storage, dtypes = {"NVFP4A16": nvfp4, "MXFP4": mxfp4, "MXFP4A16": mxfp4, "FP8": fp8, "FP8_DYNAMIC": fp8,
+                       None: integer}[options.get("scheme")]
+    assert packing.format == storage
+    stored = stored_layer_tensors(packed, "model.layers.0.mlp.up_proj")
+    assert {key: tensor.dtype for key, tensor in stored.items()} == dtypes
+    if "weight_global_scale" in stored:  # compressed-tensors stores g = 448 * 6 / max|W| and divides by it
+        weight = load_model(checkpoint).model.layers[0].mlp.up_proj.weight
+        assert torch.equal(stored["weight_global_scale"], (448 * 6 / weight.abs().max()).reshape(1))
+
+
+def test_float_export_config_describes_activations_and_kv_as_the_student_runs_them(tmp_path):
+    checkpoint = save_float_student(tmp_path / "qat", dict(scheme="FP8", kv_scheme="FP8"))
+    packing = json.loads((export_packed(checkpoint, tmp_path / "packed") / "config.json").read_text())
+    groups = {target: group for group in packing["quantization_config"]["config_groups"].values()
+              for target in group["targets"]}
+    for target, group in groups.items():
+        assert group["weights"] | {"num_bits": 8, "type": "float", "strategy": "tensor"} == group["weights"]
+        # the FP8 preset's input scale is static (calibrated); the student's is computed at every forward
+        assert group["input_activations"] | {"type": "float", "strategy": "tensor", "dynamic": True} \
+            == group["input_activations"]
+        kv = group["output_activations"]
+        assert (kv is not None) == ("k_proj" in target)
+        assert kv is None or kv | {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True} == kv
+    assert packing["llm_qat"]["scheme"] == "FP8" and packing["llm_qat"]["kv_scheme"] == "FP8"
+
+
+@pytest.mark.parametrize("options", FLOAT_STUDENTS, ids=FLOAT_IDS)
+def test_float_exports_reload_as_the_student_from_their_stored_weights(tmp_path, options):
+    checkpoint = save_float_student(tmp_path / "qat", options)
+    student = load_model(checkpoint)
+    loaded = load_model(export_packed(checkpoint, tmp_path / "packed"))
+    assert QATConfig(**loaded.config.llm_qat) == QATConfig(**student.config.llm_qat)
+    calls = []
+    for layer in quantized_modules(loaded).values():  # never re-derived: the weight quantizer does not run
+        assert layer.weight_on_grid
+        layer.weight_quantizer.register_forward_hook(lambda *args: calls.append(1))
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, student(x).logits)
+    assert not calls
+
+
+def test_a_float_export_is_not_requantized_in_another_weight_format(tmp_path):
+    packed = export_packed(save_float_student(tmp_path / "qat", dict(scheme="MXFP4A16")), tmp_path / "packed")
+    with pytest.raises(ValueError, match="weights are a packed export's, on the grid of scheme=MXFP4A16; keep"):
+        quantize_model(load_model(packed), QATConfig(scheme="NVFP4A16"))
+    assert quantize_model(load_model(packed), QATConfig(scheme="MXFP4", kv_scheme="FP8"))  # same weights: fine
+
+
+@pytest.mark.parametrize("scheme", ["FP8", "FP8_DYNAMIC"])
+def test_fp8_exports_run_as_trained_in_plain_transformers(tmp_path, scheme):
+    """compressed-tensors' forward: FP8 weights, dynamic FP8 activations and k/v outputs, all float32."""
+    checkpoint = save_float_student(tmp_path / "qat", dict(scheme=scheme, kv_scheme="FP8"))
+    with torch.no_grad():
+        expected = load_model(checkpoint)(batch()).logits
+    got = plain_transformers_logits(export_packed(checkpoint, tmp_path / "packed"))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "MXFP4"])
+def test_plain_transformers_runs_fp4_exports_with_the_students_weights_in_bfloat16(tmp_path, scheme):
+    """compressed-tensors 0.20 unpacks FP4 in bfloat16 whatever the model's dtype (a float32 forward fails on it):
+    its weights are the student's rounded to bfloat16 (MXFP4's exactly the student's)."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = save_float_student(tmp_path / "qat", dict(scheme=scheme))
+    model = AutoModelForCausalLM.from_pretrained(export_packed(checkpoint, tmp_path / "packed"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(model(batch()).logits).all()  # the first forward decompresses
+    for name, layer in quantized_modules(load_model(checkpoint)).items():
+        assert torch.equal(model.get_submodule(name).weight, layer.quantized_weight().to(torch.bfloat16)), name
+
+
+def test_nvfp4_activations_are_refused_packed_in_one_line_and_export_folded(tmp_path, capsys):
+    checkpoint = save_float_student(tmp_path / "qat", dict(scheme="NVFP4", kv_scheme="FP8"))
+    with pytest.raises(ValueError, match=r"global scale that compressed-tensors and vLLM take from calibration.*"
+                                         r"--format folded, or train weights only \(--scheme NVFP4A16\)"):
+        export(checkpoint, tmp_path / "out", "packed")
+    with pytest.raises(SystemExit) as refused:
+        load_script("export").main([str(checkpoint), str(tmp_path / "out")])
+    assert refused.value.code == 2 and "--scheme NVFP4A16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    folded = export(checkpoint, tmp_path / "folded", "folded")
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(load_model(folded)(x).logits, load_model(checkpoint)(x).logits)
 
 
 def test_cli_prints_sizes_and_ratio(tmp_path, capsys):

@@ -229,6 +229,10 @@ def test_evaluate_script_records_rtn_options_in_the_result_and_its_label(tiny_mo
     record = evaluate_script.main([str(model_dir), "4", "4", "16", "--rotate", "hadamard", "--tasks", "none",
                                    "--output", str(tmp_path / "rotated.json")])
     assert record["label"] == "4-4-16+hadamard" and record["quantization"]["rotate"] == "hadamard"
+    record = evaluate_script.main([str(model_dir), "--scheme", "MXFP4", "--kv-scheme", "FP8", "--tasks", "none",
+                                   "--output", str(tmp_path / "mxfp4.json")])
+    assert record["method"] == "rtn" and record["label"] == "MXFP4-kvfp8"
+    assert record["bits"] == {"w": 4, "a": 4, "kv": 8, "scheme": "MXFP4", "kv_scheme": "FP8"}
     checkpoint = tmp_path / "qat"
     save_quantized(quantize_model(tiny_model, 4, 8, 4), checkpoint, tokenizer)
     with pytest.raises(SystemExit, match="omit W A KV, --w-group-size, --kv-placement"):

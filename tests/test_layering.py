@@ -161,7 +161,8 @@ print(json.dumps({{"class": type(k_proj).__name__, "bits": [k_proj.w_bits, k_pro
 
 
 @pytest.mark.parametrize("config,bits", [(QATConfig(4, 8, 4), [4, 8, 4]),
-                                         (QATConfig(4, 4, 4, kv_placement="post_rope", rotate="hadamard"), [4, 4, 16])])
+                                         (QATConfig(4, 4, 4, kv_placement="post_rope", rotate="hadamard"), [4, 4, 16]),
+                                         (QATConfig(scheme="NVFP4", kv_scheme="FP8"), [4, 4, 8])])
 def test_saved_checkpoint_loads_quantized_in_a_fresh_interpreter_outside_the_repo(config, bits, tiny_llama,
                                                                                   tiny_input_ids, tmp_path):
     student = quantize_model(tiny_llama, config)

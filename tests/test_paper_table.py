@@ -112,7 +112,8 @@ def test_rotation_adds_rtn_and_qat_cells_and_the_users_quantizer_variables_do_no
                                                                                          capsys, monkeypatch):
     """--rotate adds RTN + rotation and LLM-QAT + rotation (keys after RoPE at KV4, as rotation needs); the plain QAT
     cell stays the paper's even when run_train.sh's option variables are set in the caller's environment."""
-    for name, value in (("W_GROUP_SIZE", "8"), ("KV_PLACEMENT", "post_rope"), ("RECIPE", "deploy"), ("ROTATE", "random")):
+    for name, value in (("W_GROUP_SIZE", "8"), ("KV_PLACEMENT", "post_rope"), ("RECIPE", "deploy"), ("ROTATE", "random"),
+                        ("SCHEME", "MXFP4"), ("KV_SCHEME", "FP8")):
         monkeypatch.setenv(name, value)
     out = tmp_path / "table"
     load_script("paper_table").main(["--model", str(tiny_teacher), "--rows", "4-8-4", "--out", str(out),
@@ -123,8 +124,9 @@ def test_rotation_adds_rtn_and_qat_cells_and_the_users_quantizer_variables_do_no
         "qat-4-8-4", "qat-4-8-4", "rtn-4-8-4-hadamard", "qat-4-8-4-hadamard", "qat-4-8-4-hadamard"]
     configs = {path.name.rsplit("-", 1)[0]: json.loads((path / "config.json").read_text())["llm_qat"]
                for path in (out / "models").iterdir()}
-    assert {name: (c["rotate"], c["kv_placement"], c["recipe"], c["w_group_size"]) for name, c in configs.items()} == {
-        "qat-4-8-4": ("none", "pre_rope", "paper", None), "qat-4-8-4-hadamard": ("hadamard", "post_rope", "paper", None)}
+    assert {name: (c["rotate"], c["kv_placement"], c["recipe"], c["w_group_size"], c["scheme"], c["kv_scheme"])
+            for name, c in configs.items()} == {"qat-4-8-4": ("none", "pre_rope", "paper", None, None, None),
+                                                "qat-4-8-4-hadamard": ("hadamard", "post_rope", "paper", None, None, None)}
     rotated_rtn = json.loads(next((out / "cells").glob("rtn-4-8-4-hadamard-*.json")).read_text())
     assert rotated_rtn["label"] == "4-8-4k+hadamard"
     header = next(csv.reader((out / "table.csv").open()))

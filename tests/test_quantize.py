@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from models import QATConfig, QuantLinear, quantize_model, quantized_modules
+import models.quantize as models_quantize
 from models.quantize import KVQuantizer
 from utils.training.loading import load_model_and_tokenizer
 
@@ -47,7 +48,7 @@ def test_every_decoder_projection_becomes_quantlinear_and_nothing_else(tiny_llam
     assert list(model.state_dict()) == state_dict_keys
     assert model.config.llm_qat == dict(w_bits=4, a_bits=8, kv_bits=4, act_symmetric=True, ste_clip=2.0,
                                         w_group_size=None, kv_placement="pre_rope", recipe="paper", grid="paper",
-                                        arithmetic="float", rotate="none", rotate_seed=0)
+                                        arithmetic="float", rotate="none", rotate_seed=0, scheme=None, kv_scheme=None)
 
 
 def test_quantized_weight_equals_pytorch_per_channel_reference(tiny_llama):
@@ -508,3 +509,131 @@ def test_vllm_recipe_refuses_what_its_integer_product_cannot_compute():
     with pytest.raises(ValueError, match="symmetric int activations"):
         QATConfig(8, 8, 16, recipe="vllm", act_symmetric=False)
     assert QATConfig(4, 16, 16, recipe="vllm", w_group_size=32).weight_scale_dtype == torch.bfloat16
+
+
+# ---- floating-point schemes (--scheme, --kv_scheme): models/schemes.py, models/float_quantizers.py ----
+FLOAT_SETTINGS = {"NVFP4": QATConfig(scheme="NVFP4", kv_bits=4),
+                  "MXFP4, FP8 KV": QATConfig(scheme="MXFP4", kv_scheme="FP8"),
+                  "FP8_DYNAMIC, FP8 KV post-RoPE": QATConfig(scheme="FP8_DYNAMIC", kv_scheme="FP8",
+                                                             kv_placement="post_rope"),
+                  "FP8, per-tensor FP8 KV": QATConfig(scheme="FP8", kv_scheme="FP8_TENSOR"),
+                  "NVFP4A16": QATConfig(scheme="NVFP4A16"),
+                  "W4A8 int, FP8 KV post-RoPE rotated": QATConfig(4, 8, kv_scheme="FP8", kv_placement="post_rope",
+                                                                  rotate="hadamard")}
+
+
+@pytest.mark.parametrize("setting", list(FLOAT_SETTINGS))
+def test_the_float_quantizers_run_once_each_at_every_forward(tiny_llama, tiny_input_ids, monkeypatch, setting):
+    """Counted twice: every float quantizer module is called once per forward, and each call runs the float math."""
+    from models.quantize import FloatQuantizer
+    config = FLOAT_SETTINGS[setting]
+    model = quantize_model(tiny_llama, config)
+    quantizers = {name: module for name, module in model.named_modules() if isinstance(module, FloatQuantizer)}
+    kv = ("k_proj.output_quantizer", "v_proj.output_quantizer") if config.kv_placement == "pre_rope" else \
+        ("key_quantizer", "value_quantizer")
+    expected = {f"{name}.weight_quantizer" for name in quantized_modules(model) if config.scheme} | \
+        {f"{name}.input_quantizer" for name in quantized_modules(model) if config.input_spec} | \
+        {f"model.layers.{i}.self_attn.{where}.quantizer" for i in range(tiny_llama.config.num_hidden_layers)
+         for where in kv if config.kv_scheme}
+    assert set(quantizers) == expected
+    specs = Counter(module.spec for module in quantizers.values())
+    calls, math_calls = Counter(), Counter()
+    for name, module in quantizers.items():
+        module.register_forward_hook(lambda module, args, output, name=name: calls.update([name]))
+
+    def counted(x, spec, ste_clip):
+        math_calls.update([spec])
+        return fake_quantize_float(x, spec, ste_clip)
+
+    from models.float_quantizers import fake_quantize_float
+    monkeypatch.setattr(models_quantize, "fake_quantize_float", counted)
+    for forwards in (1, 2):
+        logits(model, tiny_input_ids)
+        assert calls == Counter({name: forwards for name in quantizers})
+        assert math_calls == Counter({spec: count * forwards for spec, count in specs.items()})
+
+
+def test_a_scheme_quantizes_weights_and_inputs_as_its_float_quantizers_compute(tiny_llama):
+    from models.float_quantizers import fake_quantize_float
+    from models.schemes import SCHEMES
+    model = quantize_model(tiny_llama, QATConfig(scheme="NVFP4", recipe="deploy"))
+    layer = model.model.layers[0].mlp.down_proj
+    assert (layer.w_bits, layer.a_bits, layer.w_group_size, layer.out_bits) == (4, 4, 16, 16)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    weight = fake_quantize_float(layer.weight, SCHEMES["NVFP4"].weights)
+    with torch.no_grad():
+        assert torch.equal(layer.quantized_weight(), weight)
+        assert torch.equal(layer(x), nn.functional.linear(fake_quantize_float(x, SCHEMES["NVFP4"].input_activations),
+                                                          weight))
+    weight_only = quantize_model(tiny_llama, QATConfig(scheme="MXFP4A16")).model.layers[0].mlp.down_proj
+    assert (weight_only.w_bits, weight_only.a_bits, weight_only.w_group_size) == (4, 16, 32)
+
+
+def test_float_schemes_refuse_what_conflicts_with_them_in_one_line():
+    for options, fix in ((dict(w_bits=4), "--w_bits"), (dict(a_bits=8), "--a_bits"),
+                         (dict(w_group_size=32), "--w_group_size"), (dict(act_symmetric=False), "--no_act_symmetric"),
+                         (dict(recipe="vllm"), "--recipe/--arithmetic vllm")):
+        with pytest.raises(ValueError, match=f"scheme=NVFP4 sets the weight and activation formats; drop {fix}"):
+            QATConfig(scheme="NVFP4", **options)
+    with pytest.raises(ValueError, match="drop one of --kv_scheme and --kv_bits"):
+        QATConfig(kv_bits=4, kv_scheme="FP8")
+    with pytest.raises(ValueError, match="scheme='NVFP8' is not one of FP8, FP8_DYNAMIC, NVFP4"):
+        QATConfig(scheme="NVFP8")
+    with pytest.raises(ValueError, match="kv_scheme='FP4' is not one of FP8, FP8_TENSOR"):
+        QATConfig(kv_scheme="FP4")
+    with pytest.raises(ValueError, match="pass --kv_placement post_rope"):
+        QATConfig(kv_scheme="FP8", rotate="hadamard")
+
+
+def test_a_scheme_whose_groups_do_not_divide_a_layer_names_the_schemes_without_groups(tiny_sizes, make_tiny_model):
+    model = make_tiny_model(LlamaConfig(**tiny_sizes | dict(hidden_size=72, head_dim=18)))
+    with pytest.raises(ValueError, match=r"scheme=NVFP4 quantizes groups of 16 input columns, which do not divide the "
+                                         r"72 of model\.layers\.0\.self_attn\.q_proj; use a scheme without groups "
+                                         r"\(FP8, FP8_DYNAMIC\)"):
+        quantize_model(model, QATConfig(scheme="NVFP4"))
+    quantize_model(model, QATConfig(scheme="FP8_DYNAMIC"))
+
+
+def test_float_scheme_labels_name_the_scheme():
+    assert QATConfig(scheme="NVFP4", kv_bits=4).label() == "NVFP4-kv4"
+    assert QATConfig(scheme="NVFP4A16").label() == "NVFP4A16-kv16"
+    assert QATConfig(scheme="FP8_DYNAMIC", kv_scheme="FP8", kv_placement="post_rope").label() == "FP8_DYNAMIC-kvfp8k"
+    assert QATConfig(scheme="MXFP4", recipe="deploy").label() == "MXFP4-kv16+deploy"
+    assert QATConfig(4, 8, kv_scheme="FP8_TENSOR").label() == "4-8-fp8tensor"
+    assert QATConfig(kv_scheme="FP8").label() == "16-16-fp8"
+
+
+def test_scheme_flags_of_train_py_and_its_default_bits():
+    from transformers import HfArgumentParser
+
+    from train import QuantArguments, with_default_bits
+
+    def flags(*argv, train_defaults=False):
+        parser = HfArgumentParser(QuantArguments)
+        if train_defaults:
+            parser.set_defaults(w_bits=None, a_bits=None, kv_bits=None)
+        parsed = asdict(parser.parse_args_into_dataclasses(list(argv))[0])
+        return QATConfig.from_flags(**(with_default_bits(parsed) if train_defaults else parsed))
+
+    assert flags("--scheme", "NVFP4", "--kv_scheme", "FP8") == QATConfig(scheme="NVFP4", kv_scheme="FP8")
+    assert flags(train_defaults=True) == QATConfig(4, 8, 4)
+    assert flags("--scheme", "NVFP4", train_defaults=True) == QATConfig(scheme="NVFP4", kv_bits=4)
+    assert flags("--kv_scheme", "FP8", train_defaults=True) == QATConfig(4, 8, kv_scheme="FP8")
+    with pytest.raises(ValueError, match="drop --w_bits"):
+        flags("--scheme", "NVFP4", "--w_bits", "4", train_defaults=True)
+
+
+@pytest.mark.parametrize("setting", ["NVFP4", "FP8_DYNAMIC, FP8 KV post-RoPE"])
+def test_float_schemes_travel_with_the_checkpoint_and_remote_code(tiny_llama, tiny_input_ids, tmp_path, setting):
+    from transformers import AutoModelForCausalLM
+
+    from models.checkpoint import save_quantized
+    from utils.training.loading import load_model
+    config = FLOAT_SETTINGS[setting]
+    expected = logits(quantize_model(tiny_llama, config), tiny_input_ids)
+    save_quantized(tiny_llama, tmp_path / "ckpt")
+    for loaded in (load_model(tmp_path / "ckpt"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()):
+        assert QATConfig(**loaded.config.llm_qat) == config
+        assert type(loaded.model.layers[1].mlp.down_proj.weight_quantizer).__name__ == "FloatQuantizer"
+        assert torch.equal(logits(loaded, tiny_input_ids), expected)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Co
 
 from models import QATConfig, quantize_model
 from models.checkpoint import load_student, save_quantized
-from models.quantize import KVQuantizer
+from models.quantize import IntQuantizer, KVQuantizer
 from models.quantizers import fake_quantize
 from models.rotations import (DOWN_PROJ_INPUT, KEY, RESIDUAL, VALUE, WEIGHTS_UNREAD, Rotation, hadamard_factor,
                               hadamard_matrix, paley_hadamard, rotate, rotate_model, rotation, sylvester_hadamard)
@@ -196,7 +196,8 @@ def test_post_rope_keys_are_quantized_in_the_rotated_basis(tiny_config):
     def per_token(heads):  # one scale per token across all heads, the full grid
         return fake_quantize(heads.flatten(-2), 4, True, None, None, "full").unflatten(-1, heads.shape[-2:])
 
-    quantizer = KVQuantizer(4, None, "full", rotation="hadamard", rotate_seed=4, head_dim=tiny_config.head_dim)
+    quantizer = KVQuantizer(IntQuantizer(4, ste_clip=None, grid="full"), rotation="hadamard", rotate_seed=4,
+                            head_dim=tiny_config.head_dim)
     quantized = quantizer(keys.flatten(-2)).unflatten(-1, keys.shape[-2:])
     assert torch.allclose(quantized, per_token(keys @ q) @ q.T, atol=1e-12)
     # In attention this is rotating queries and cached keys: q k^T = (q R3)(Q(k R3))^T

@@ -40,6 +40,11 @@ def skip_without_kernel(settings: QATConfig):
     (QATConfig(8, 8, 16, act_symmetric=False), "use symmetric activations"),
     (QATConfig(8, 8, 16, w_group_size=32), "per-channel weights, not groups"),
     (QATConfig(4, 16, 16, rotate="hadamard"), "does not run its online rotations"),
+    (QATConfig(scheme="FP8_DYNAMIC"), None),  # measured: served within the float model's floor (float32)
+    (QATConfig(scheme="FP8"), "no kernel for FP8"),
+    (QATConfig(scheme="NVFP4A16"), "no kernel for NVFP4A16"),
+    (QATConfig(scheme="FP8_DYNAMIC", kv_scheme="FP8"), "calibrated per-tensor scales"),
+    (QATConfig(8, 8, 16, recipe="vllm", kv_scheme="FP8_TENSOR"), "train without --kv_scheme"),
 ])
 def test_schemes_vllm_would_run_differently_are_named(settings, refusal):
     mismatch = vllm_mismatch({CONFIG_KEY: settings.__dict__, "quantization_config": {}}, AVX512_VNNI)
@@ -127,6 +132,16 @@ def test_vllms_linear_layers_compute_the_vllm_recipes_student_exactly(tmp_path, 
         assert served["served_linears_identical"] >= identical
         assert served["served_vs_student_mean_abs_logp"] < (1e-3 if dtype == "float32" else 5e-3)
         assert served["served_vs_student_max_abs_logp"] < 3e-2
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_serves_an_fp8_dynamic_export_as_trained(tmp_path):
+    """FP8 E4M3 weights per channel, dynamic per-token FP8 activations (measured on an AVX2 CPU: linear outputs within
+    5.7e-7 relative, log p within 6.3e-5 nats: the float model's floor)."""
+    served = served_export(tmp_path, QATConfig(scheme="FP8_DYNAMIC"), SEQUENCES, "float32")
+    print(f"\nFP8_DYNAMIC, float32: {served}")
+    assert served["served_linears_max_rel_diff"] < 1e-5 and served["served_vs_student_max_abs_logp"] < 1e-4
 
 
 @pytest.mark.parametrize("row, refusal", [

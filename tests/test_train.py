@@ -81,6 +81,32 @@ def test_checkpoint_reloads_as_the_quantized_student(tiny_teacher_dir, tmp_path)
     assert (output / "tokenizer.json").is_file()
 
 
+def test_a_floating_point_scheme_trains_and_reloads_with_its_formats(tiny_teacher_dir, tmp_path):
+    """--scheme NVFP4 --kv_scheme FP8 (no integer bits): the checkpoint says so and reloads, also by remote code, as
+    the student of those formats; the W4A8KV4 defaults do not creep in."""
+    from models.quantize import FloatQuantizer
+
+    output = tmp_path / "out"
+    args = train_args(tiny_teacher_dir, output, "--max_steps", "2", "--scheme", "NVFP4", "--kv_scheme", "FP8")
+    for flag in ("--w_bits", "--a_bits", "--kv_bits"):
+        del args[args.index(flag):args.index(flag) + 2]
+    train.main(args)
+    saved = json.loads((output / "config.json").read_text())["llm_qat"]
+    assert (saved["scheme"], saved["kv_scheme"], saved["w_bits"], saved["a_bits"], saved["kv_bits"]) == \
+        ("NVFP4", "FP8", 16, 16, 16)
+    student = load_model(output)
+    remote = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
+    k_proj = student.model.layers[0].self_attn.k_proj
+    assert isinstance(k_proj.weight_quantizer, FloatQuantizer) and isinstance(k_proj.input_quantizer, FloatQuantizer)
+    assert isinstance(k_proj.output_quantizer.quantizer, FloatQuantizer)
+    ids = torch.randint(0, 1000, (1, 10))
+    assert torch.equal(student(ids).logits, remote(ids).logits)
+    float_student = load_model(output, quantized=False)
+    assert torch.equal(student(ids).logits, quantize_model(float_student, QATConfig(scheme="NVFP4", kv_scheme="FP8"))(
+        ids).logits)
+    assert not torch.equal(student(ids).logits, load_model(output, quantized=False)(ids).logits)
+
+
 def test_rerun_resumes_from_the_last_checkpoint(tiny_teacher_dir, tmp_path):
     output = tmp_path / "out"
     train.main(train_args(tiny_teacher_dir, output, "--max_steps", "2", "--save_steps", "1"))

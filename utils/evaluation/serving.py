@@ -67,6 +67,13 @@ def vllm_mismatch(config: dict, flags: set[str] | None = None) -> str | None:
     qat = QATConfig(**settings)
     if qat.rotate != "none":
         return f"vLLM does not run its online rotations (rotate={qat.rotate}): it would serve the unrotated function"
+    if qat.kv_scheme:  # its FP8 cache takes calibrated per-tensor k/v scales; output_activations are not run
+        return (f"vLLM's FP8 KV cache uses calibrated per-tensor scales, not the student's dynamic {qat.kv_scheme} "
+                "ones: it would serve KV in full precision; train without --kv_scheme")
+    if qat.scheme:  # measured on its CPU build 0.32 (AVX2): FP8_DYNAMIC as trained; the others fail to load
+        return None if qat.scheme == "FP8_DYNAMIC" else (
+            f"vLLM's CPU build has no kernel for {qat.scheme} (FP4: none; FP8 per tensor: its static-scale quant op is "
+            "missing); of the floating-point schemes it serves FP8_DYNAMIC only")
     if qat.kv_bits != FULL_PRECISION:
         return (f"vLLM's KV cache is 16-bit or FP8, not int{qat.kv_bits}: it would serve KV in full precision "
                 f"({qat.kv_placement}); train with --kv_bits 16")
