@@ -137,7 +137,7 @@ def test_vllms_linear_layers_compute_the_vllm_recipes_student_exactly(tmp_path, 
 @needs_vllm
 @pytest.mark.slow
 def test_vllm_serves_an_fp8_dynamic_export_as_trained(tmp_path):
-    """FP8 E4M3 weights per channel, dynamic per-token FP8 activations (measured on an AVX2 CPU: linear outputs within
+    """FP8 E4M3 weights per channel, dynamic per-token FP8 activations (measured, AVX-512 CPU: linear outputs within
     5.7e-7 relative, log p within 6.3e-5 nats: the float model's floor)."""
     served = served_export(tmp_path, QATConfig(scheme="FP8_DYNAMIC"), SEQUENCES, "float32")
     print(f"\nFP8_DYNAMIC, float32: {served}")

@@ -70,7 +70,7 @@ def vllm_mismatch(config: dict, flags: set[str] | None = None) -> str | None:
     if qat.kv_scheme:  # its FP8 cache takes calibrated per-tensor k/v scales; output_activations are not run
         return (f"vLLM's FP8 KV cache uses calibrated per-tensor scales, not the student's dynamic {qat.kv_scheme} "
                 "ones: it would serve KV in full precision; train without --kv_scheme")
-    if qat.scheme:  # measured on its CPU build 0.32 (AVX2): FP8_DYNAMIC as trained; the others fail to load
+    if qat.scheme:  # measured on its CPU build 0.32, AVX-512 + VNNI: FP8_DYNAMIC as trained; the others fail to load
         return None if qat.scheme == "FP8_DYNAMIC" else (
             f"vLLM's CPU build has no kernel for {qat.scheme} (FP4: none; FP8 per tensor: its static-scale quant op is "
             "missing); of the floating-point schemes it serves FP8_DYNAMIC only")
