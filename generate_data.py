@@ -6,6 +6,7 @@
     torchrun --nproc-per-node 8 generate_data.py     # one shard per GPU, from RANK / WORLD_SIZE
     python generate_data.py --engine vllm            # the same shard written by vLLM (make vllm)
     python generate_data.py --save-topk 32           # with the teacher's top-32 log-probs: train.py --teacher cached
+    python generate_data.py --save-topk 32 --save-tail 16   # and 16 tokens sampled from the rest of its distribution
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-topk", type=int, default=0, metavar="K",
                         help="also keep the teacher's K most likely tokens and their log-probabilities at every "
                              "position, for train.py --teacher cached (a side file per shard; 8 K bytes a token)")
+    parser.add_argument("--save-tail", type=int, default=0, metavar="S",
+                        help="with --save-topk: also S tokens drawn from the teacher's distribution outside its top-K "
+                             "and their log-probabilities, at every position (8 S bytes a token): the rest of the "
+                             "vocabulary sampled instead of one bucket (HF engine)")
     parser.add_argument("--batch-size", type=int,
                         help=f"sequences per forward (default: 32 on CPU, what fits the GPU's free memory on CUDA; "
                              f"vLLM: {VLLM_BATCH_SIZE} per request)")
@@ -105,7 +110,7 @@ def generate(args):
     preset = apply_preset(args, cuda_available=device.type == "cuda")
     shard, num_shards = resolve_shard(args.shard, args.num_shards, args.positional_shard)
     config = SamplingConfig(tuple(args.greedy_lengths), args.max_length, args.temperature, args.top_k, args.seed,
-                            args.save_topk)
+                            args.save_topk, args.save_tail)
     config.check()
     check_engine_flags(args)
     ensure_writable_dir(args.output_dir)
@@ -152,6 +157,9 @@ def check_engine_flags(args):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads} must be at least 1")
     if args.engine == "vllm":
+        if args.save_tail:
+            raise ValueError(f"--save-tail {args.save_tail} needs the teacher's whole distribution, and vLLM returns "
+                             "only its top log-probs; use --engine hf, or drop --save-tail")
         require_vllm_python(args.vllm_python)
         if args.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} must be at least 1")

@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.data.merge import find_shard_files, heldout_file, merge_shards
+from utils.data.merge import describe_rows, find_shard_files, heldout_file, merge_shards
 from utils.data.teacher_topk import store_directory
 from utils.safety import user_errors
 
@@ -46,7 +46,8 @@ def main(argv=None):
     if args.heldout:
         print(f"{heldout_file(output)}: {report.heldout.describe()}")
     if report.topk:
-        print(f"teacher top-{report.topk} log-probs of every token: {store_directory(output)} (train.py --teacher cached)")
+        print(f"teacher {describe_rows(report.topk, report.tail)} log-probs of every token: "
+              f"{store_directory(output)} (train.py --teacher cached)")
 
 if __name__ == "__main__":
     main()

@@ -79,15 +79,19 @@ class DistillationArguments:
     topk: int | None = field(default=None, metadata={
         "help": "with --teacher cached: distil from the teacher's TOPK most likely tokens of those cached (default: "
                 "all of them), so that one synthesis with --save-topk 128 serves K = 8, 32 and 128"})
+    tail_samples: int | None = field(default=None, metadata={
+        "help": "with --teacher cached and data generated with --save-tail S: the first TAIL_SAMPLES of the S tokens "
+                "sampled outside the top-K at each position (default: all of them; 0: none, the rest is one bucket)"})
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"--loss {self.loss!r} is not supported; use {' or '.join(LOSSES)}")
         if self.teacher not in TEACHERS:
             raise ValueError(f"--teacher {self.teacher!r} is not supported; use {' or '.join(TEACHERS)}")
-        if self.topk is not None and self.teacher != CACHED_TEACHER:
-            raise ValueError(f"--topk {self.topk} selects among the cached teacher's tokens; add --teacher "
-                             f"{CACHED_TEACHER}, or drop --topk")
+        for flag, value in (("--topk", self.topk), ("--tail_samples", self.tail_samples)):
+            if value is not None and self.teacher != CACHED_TEACHER:
+                raise ValueError(f"{flag} {value} selects among the cached teacher's tokens; add --teacher "
+                                 f"{CACHED_TEACHER}, or drop {flag}")
         if self.teacher == CACHED_TEACHER and self.loss == "ce":
             raise ValueError("--teacher cached distils from the teacher's cached log-probs, but --loss ce uses no "
                              "teacher; drop --teacher cached or use --loss kd")
@@ -235,15 +239,17 @@ def main(argv: list[str] | None = None) -> None:
     vocab_size = model_config.vocab_size
     teacher_id = TeacherIdentity.of(model_display_name(model_args.model_name_or_path), tokenizer, vocab_size)
     dataset = TokenSequenceDataset(data_args.data_path, data_args.model_max_length, tokenizer, data_args.packing,
-                                   teacher=teacher_id, vocab_size=vocab_size, teacher_topk=cached_teacher, topk=kd_args.topk)
+                                   teacher=teacher_id, vocab_size=vocab_size, teacher_topk=cached_teacher,
+                                   topk=kd_args.topk, tail=kd_args.tail_samples)
     # A QAT checkpoint given as the model loads its float (latent) weights: they are the teacher and the start.
     # Two loads rather than a deepcopy: under DeepSpeed ZeRO-3 each load is partitioned as it happens.
     if kd_args.loss == "ce":
         teacher, teacher_note = None, "next-token loss, no teacher"
     elif cached_teacher:
         teacher = CACHED_TEACHER
-        k = kd_args.topk or dataset.teacher_topk.k
-        teacher_note = f"teacher: cached top-{k} (of {dataset.teacher_topk.k}) from {dataset.teacher_topk.directory}"
+        store = dataset.teacher_topk
+        tail = f" + {dataset.tail} tail samples (of {store.tail})" if dataset.tail else ""
+        teacher_note = f"teacher: cached top-{dataset.topk} (of {store.k}){tail} from {store.directory}"
     else:
         teacher = load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32,
                                    training_args)

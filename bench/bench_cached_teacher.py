@@ -4,10 +4,12 @@ the training time without the teacher's forward.
 
     python bench/bench_cached_teacher.py                    # embedded SmolLM2-135M, CPU: about 30 minutes
     python bench/bench_cached_teacher.py --ks 32 --seeds 0 1 --out bench_output/cached_teacher
+    python bench/bench_cached_teacher.py --ks 32 --tail 16 --seeds 0 1   # and top-32 + 16 sampled tail tokens
 
 Each setting runs `scripts/demo.sh` in its own folder, all on one synthesis that kept the teacher's top-max(K)
 (`SAVE_TOPK`, in OUT/data): `make demo` for the full teacher, `TEACHER=cached TOPK=K make demo` for each K (the
-first K of the saved, most likely first). Every student trains on the same text for the same steps and is evaluated
+first K of the saved, most likely first), and with `--tail S` (`SAVE_TAIL`) also `TEACHER=cached TAIL=S make demo`
+for the largest K, its rest of the vocabulary sampled instead of one bucket. Every student trains on the same text for the same steps and is evaluated
 on the same held-out text; only its targets differ.
 The memory the absent teacher saves is `scripts/plan_memory.py --teacher cached` (and bench/bench_memory.py).
 """
@@ -35,6 +37,8 @@ def training_record(out: Path) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="K of each cached run")
+    parser.add_argument("--tail", type=int, default=0, metavar="S",
+                        help="also keep S tail samples a token and train the largest K with them (default: none)")
     parser.add_argument("--bits", default="4-8-4", help="W-A-KV of the student (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds (order of the batches); the data is the first seed's (default: 0)")
@@ -42,9 +46,12 @@ def main():
     args = parser.parse_args()
     config = QATConfig(*map(int, args.bits.split("-")))
     out = Path(args.out)
-    data = {"DATA_DIR": str(out / "data"), "SAVE_TOPK": str(max(args.ks))}
+    data = {"DATA_DIR": str(out / "data"), "SAVE_TOPK": str(max(args.ks)), "SAVE_TAIL": str(args.tail or "")}
     settings = [("teacher model", "model", {})] + [
-        (f"cached top-{k}", f"topk{k}", {"TEACHER": "cached", "TOPK": str(k)}) for k in args.ks]
+        (f"cached top-{k}", f"topk{k}", {"TEACHER": "cached", "TOPK": str(k), "TAIL": "0"}) for k in args.ks]
+    if args.tail:
+        settings.append((f"cached top-{max(args.ks)} + {args.tail} tail", f"topk{max(args.ks)}-tail{args.tail}",
+                         {"TEACHER": "cached", "TOPK": str(max(args.ks)), "TAIL": str(args.tail)}))
     rows = []  # (name, seed, results, training)
     for seed in args.seeds:
         for name, folder, env in settings:

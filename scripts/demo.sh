@@ -6,6 +6,7 @@
 #   ENGINE=vllm make demo      the data written by vLLM (make vllm first; `make demo` does it then)
 #   TEACHER=cached make demo   the data with the teacher's top-32 log-probs, and QAT without loading the teacher
 #   SAVE_TOPK=128 TEACHER=cached TOPK=8 make demo   QAT from the top-8 of data saved with the top-128
+#   SAVE_TAIL=16 TEACHER=cached make demo   and 16 tokens sampled from the rest of the teacher's distribution
 #   SCHEME=NVFP4 KV_SCHEME=FP8 make demo   floating-point formats (compressed-tensors presets) instead of W A KV bits
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ ENGINE=${ENGINE:-hf}                            # hf or vllm: which engine write
 TEACHER=${TEACHER:-model}                       # model: KD from the teacher; cached: from its saved top-K log-probs
 SAVE_TOPK=${SAVE_TOPK:-$([ "$TEACHER" = model ] || echo 32)}  # the data keeps the teacher's top-K (none by default)
 TOPK=${TOPK:-$SAVE_TOPK}                        # TEACHER=cached distils from the first TOPK of them
+SAVE_TAIL=${SAVE_TAIL:-}                        # and S tokens sampled outside the top-K at each position (HF engine)
+TAIL=${TAIL:-$SAVE_TAIL}                        # TEACHER=cached reads the first TAIL of those (0: the rest is one bin)
 DATA_DIR=${DATA_DIR:-}                          # default: a folder in OUT named by the data's settings
 OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -44,10 +47,11 @@ case "$ENGINE/$TEACHER" in
 esac
 generate_options=(--engine "$ENGINE")
 [ -n "$SAVE_TOPK" ] && generate_options+=(--save-topk "$SAVE_TOPK")
+[ -n "$SAVE_TAIL" ] && generate_options+=(--save-tail "$SAVE_TAIL")
 train_options=()
-[ "$TEACHER" = cached ] && train_options+=(--teacher cached --topk "$TOPK")
-DATA_DIR=${DATA_DIR:-"$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")${SAVE_TOPK:+-topk$SAVE_TOPK}"}
-QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK")"
+[ "$TEACHER" = cached ] && train_options+=(--teacher cached --topk "$TOPK" ${TAIL:+--tail_samples "$TAIL"})
+DATA_DIR=${DATA_DIR:-"$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")${SAVE_TOPK:+-topk$SAVE_TOPK}${SAVE_TAIL:+-tail$SAVE_TAIL}"}
+QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK${TAIL:+-tail$TAIL}")"
 RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS"
 TIMINGS="$OUT/timings.md"

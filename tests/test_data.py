@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data.dataset import TEACHER_TOPK_KEYS, PadCollator, TokenSequenceDataset, read_token_sequences
+from utils.data.dataset import TEACHER_TAIL_KEYS, TEACHER_TOPK_KEYS, PadCollator, TokenSequenceDataset, read_token_sequences
 from utils.data.records import TeacherIdentity
 from utils.data.teacher_topk import SequenceTopK, write_store
 
@@ -153,6 +153,33 @@ def test_topk_serves_the_most_likely_columns_of_a_larger_store(tmp_path):
             TokenSequenceDataset(data, max_length=4, teacher_topk=True, topk=k)
     with pytest.raises(ValueError, match=r"^topk=2 selects among the cached teacher's tokens; pass teacher_topk=True"):
         TokenSequenceDataset(data, max_length=4, topk=2)
+
+
+def test_tail_samples_come_after_the_top_k_and_only_with_all_of_it(tmp_path):
+    lines = [{"input_ids": [1, 2, 3, 4, 5]}, {"input_ids": [6, 7]}]
+    data = write_lines(tmp_path / "d.jsonl", lines)
+    rows = numbered_topk_rows(lines, k=5)  # 3 top columns, then 2 tail samples
+    write_store(data, rows, hashlib.sha256(data.read_bytes()).hexdigest(), tail=2)
+    for tail, topk, expected_tail in ((None, None, 2), (1, None, 1), (0, None, 0), (None, 2, 0)):
+        dataset = TokenSequenceDataset(data, max_length=4, teacher_topk=True, topk=topk, tail=tail)
+        assert (dataset.topk, dataset.tail) == (topk or 3, expected_tail)
+        for line, example in enumerate(dataset):
+            np.testing.assert_array_equal(example[TEACHER_TOPK_KEYS[0]], rows[line].ids[:4, :topk or 3])
+            if expected_tail:
+                np.testing.assert_array_equal(example[TEACHER_TAIL_KEYS[0]], rows[line].ids[:4, 3:3 + expected_tail])
+                np.testing.assert_array_equal(example[TEACHER_TAIL_KEYS[1]],
+                                              rows[line].logprobs[:4, 3:3 + expected_tail])
+            else:
+                assert TEACHER_TAIL_KEYS[0] not in example
+    for topk, tail, message in ((None, 3, r"^--tail_samples 3: the data holds 2 tail samples a token; pass 0\.\.2, or "
+                                          r"generate the data again with generate_data.py --save-tail 3$"),
+                                (2, 1, r"^--topk 2 with --tail_samples 1: the tail was drawn outside the top-3, so the "
+                                       r"tokens between its top-2 and top-3 would count nowhere; pass --topk 3 or "
+                                       r"--tail_samples 0$")):
+        with pytest.raises(ValueError, match=message):
+            TokenSequenceDataset(data, max_length=4, teacher_topk=True, topk=topk, tail=tail)
+    with pytest.raises(ValueError, match=r"^tail=1 selects among the cached teacher's tokens; pass teacher_topk=True"):
+        TokenSequenceDataset(data, max_length=4, tail=1)
 
 
 def test_cached_teacher_without_a_store_is_a_clear_error(tmp_path):

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from models import quantize_model
 from utils.data.dataset import TEACHER_TOPK_KEYS, PadCollator
+from utils.data.sampler import sample_tail
 from utils.training.kd_trainer import KDTrainer, cached_kd_loss, kd_loss
 
 
@@ -121,6 +122,64 @@ def test_cached_kl_over_the_whole_vocabulary_is_the_full_kl(reduction):
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.autograd.grad(cached, student)[0], torch.autograd.grad(full, student)[0],
                                rtol=1e-4, atol=1e-7)
+
+
+def teacher_tail(teacher_logits, top_ids, samples, seed):
+    """`samples` tokens per position drawn from the teacher's distribution outside `top_ids`, with their float32
+    log-probabilities, as the generator draws them (utils/data/sampler.py)."""
+    log_p = F.log_softmax(teacher_logits.float(), -1)
+    uniforms = torch.rand(*top_ids.shape[:-1], samples, generator=torch.Generator().manual_seed(seed))
+    flat = log_p.reshape(-1, log_p.shape[-1])
+    ids = sample_tail(flat, top_ids.reshape(-1, top_ids.shape[-1]), uniforms.reshape(-1, samples))
+    return ids.reshape(uniforms.shape), flat.gather(-1, ids).reshape(uniforms.shape)
+
+
+def test_tail_samples_estimate_the_full_kl_and_its_gradient_without_bias():
+    """Averaged over many draws, the top-K + tail estimate is full-vocabulary KD; the top-K + one bucket is not."""
+    torch.manual_seed(2)
+    draws, positions, vocab, k = 4000, 6, 30, 4
+    teacher = 2 * torch.randn(1, positions, vocab)
+    student = (2 * torch.randn(1, positions, vocab, dtype=torch.float64)).requires_grad_()
+    ids, logprobs = teacher_topk(teacher, k)
+    tail_ids, tail_logprobs = teacher_tail(teacher.expand(draws, -1, -1), ids.expand(draws, -1, -1), 8, seed=0)
+    # one batch row per draw: batchmean averages the draws' estimates, and the gradients add up in `student`
+    estimate = cached_kd_loss(student.expand(draws, -1, -1), ids.expand(draws, -1, -1),
+                              logprobs.expand(draws, -1, -1), tail_ids=tail_ids, tail_logprobs=tail_logprobs)
+    full = kd_loss(student, teacher.double())
+    bucket = cached_kd_loss(student, ids, logprobs)
+    grads = [torch.autograd.grad(loss, student)[0] for loss in (estimate, full, bucket)]
+    assert abs(estimate - full) < abs(bucket - full) / 20
+    torch.testing.assert_close(estimate, full, rtol=5e-3, atol=0)
+    assert (grads[0] - grads[1]).abs().max() < (grads[2] - grads[1]).abs().max() / 10
+    single = cached_kd_loss(student, ids, logprobs, tail_ids=tail_ids[:1], tail_logprobs=tail_logprobs[:1])
+    assert single != estimate  # one draw is an estimate, not the value
+
+
+def test_with_one_token_outside_the_top_k_the_tail_estimate_is_exact():
+    torch.manual_seed(3)
+    teacher = 3 * torch.randn(2, 5, 12)
+    student = (3 * torch.randn(2, 5, 12, dtype=torch.float64)).requires_grad_()
+    ids, logprobs = teacher_topk(teacher, 11)
+    tail_ids, tail_logprobs = teacher_tail(teacher, ids, 3, seed=0)  # every sample is the one token left
+    cached = cached_kd_loss(student, ids, logprobs, tail_ids=tail_ids, tail_logprobs=tail_logprobs)
+    full = kd_loss(student, teacher.double())
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(cached, student)[0], torch.autograd.grad(full, student)[0],
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_tail_rows_without_a_distribution_or_with_padding_do_not_count():
+    student, ids, logprobs, mask = cached_example()
+    student.requires_grad_()
+    tail_ids = torch.randint(0, 50, (3, 7, 4), generator=torch.Generator().manual_seed(0))
+    tail_logprobs = -5 * torch.rand(3, 7, 4, generator=torch.Generator().manual_seed(1))
+    tail_ids[0, 6], tail_logprobs[0, 6] = 0, float("-inf")  # the store's row after a sequence's last token
+    loss = cached_kd_loss(student, ids, logprobs, mask, "token_mean", tail_ids=tail_ids, tail_logprobs=tail_logprobs)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad[1, 5:].abs().max() == 0 and grad[0, 6].abs().max() == 0
+    with pytest.raises(ValueError, match="pass the tail samples' ids and log-probabilities together"):
+        cached_kd_loss(student, ids, logprobs, mask, tail_ids=tail_ids)
 
 
 def tiny_teacher_and_student():

@@ -158,13 +158,14 @@ def rows_for(ids, k=3):
                         np.repeat(-positions[:, None].astype(np.float32), k, axis=1))
 
 
-def topk_shard(path, sequences, k=3, **changes):
-    """A shard of `sequences` with their rows in its side file, as generate_data.py --save-topk k writes it."""
+def topk_shard(path, sequences, k=3, tail=0, **changes):
+    """A shard of `sequences` with their rows in its side file, as generate_data.py --save-topk k (--save-tail tail)
+    writes it."""
     lines, row = [], 0
     with side_file(path).open("wb") as out:
         for ids in sequences:
-            append_rows(out, [rows_for(ids, k)], k)
-            lines.append(line(ids, topk=[k, row], **changes))
+            append_rows(out, [rows_for(ids, k + tail)], k + tail)
+            lines.append(line(ids, topk=[k, row, tail] if tail else [k, row], **changes))
             row += len(ids)
     path.write_text("".join(lines))
     return path
@@ -188,14 +189,27 @@ def test_merged_stores_hold_the_kept_lines_rows_in_their_order(tmp_path):
         open_teacher_topk(tmp_path / "all.jsonl", file_sha256(tmp_path / "all.jsonl"), 29, 14)
 
 
+def test_tail_samples_travel_after_the_top_k_columns_into_the_store(tmp_path):
+    sequences = [[20, 5, 6], [21, 5]]
+    shard = topk_shard(tmp_path / "shard-00-of-01.jsonl", sequences, k=3, tail=2)
+    report = merge_shards([shard], tmp_path / "all.jsonl")
+    assert (report.topk, report.tail) == (3, 2)
+    store = open_teacher_topk(tmp_path / "all.jsonl", file_sha256(tmp_path / "all.jsonl"), 5, 2)
+    assert (store.k, store.tail, store.width) == (3, 2, 5)
+    expected = np.concatenate([rows_for(ids, 5).ids for ids in sequences])
+    assert (store.ids[:] == expected).all()
+
+
 def test_shards_with_and_without_rows_or_with_another_k_are_not_merged_into_one_store(tmp_path):
     with_rows = topk_shard(tmp_path / "a.jsonl", [[20, 5], [21, 5]])
     other_k = topk_shard(tmp_path / "b.jsonl", [[22, 5]], k=4)
+    with_tail = topk_shard(tmp_path / "c.jsonl", [[24, 5]], tail=2)
     (tmp_path / "plain").mkdir()
     without = write_shards(tmp_path / "plain", [line([23, 5])])[0]
     for shards, message in (([with_rows, without], "has no teacher rows but .* top-3"),
-                            ([with_rows, other_k], "has top-4 teacher rows but .* top-3")):
-        with pytest.raises(MixedSettingsError, match=message + ".*one --save-topk at a time"):
+                            ([with_rows, other_k], "has top-4 teacher rows but .* top-3"),
+                            ([with_rows, with_tail], r"has top-3 \+ 2 tail teacher rows but .* top-3;")):
+        with pytest.raises(MixedSettingsError, match=message + ".*one --save-topk and --save-tail at a time"):
             merge_shards(shards, tmp_path / "all.jsonl", force=True)
     merge_shards([with_rows], tmp_path / "all.jsonl")
     assert (tmp_path / "all.jsonl.topk" / "manifest.json").exists()

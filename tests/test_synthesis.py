@@ -10,7 +10,8 @@ import torch
 
 from generate_data import apply_preset
 from utils.data.records import SequenceRecord, TeacherIdentity
-from utils.data.sampler import HFGenerator, SamplingConfig, generate_batch, sample_top_k, stop_token_ids
+from utils.data.sampler import (HFGenerator, SamplingConfig, generate_batch, sample_tail, sample_top_k,
+                                stop_token_ids)
 from utils.data.start_tokens import (choose_start_tokens, eligible_start_tokens, resolve_shard, shard_start_tokens,
                                      special_token_ids)
 from utils.data.synthesis import read_finished, shard_path, synthesize_shard
@@ -104,6 +105,39 @@ def test_saved_top_k_rows_are_the_teachers_distribution_at_every_position(tiny_l
         torch.testing.assert_close(torch.from_numpy(rows.logprobs[:-1]).double(), best.values[:-1], atol=1e-5, rtol=0)
         assert (rows.ids[:-1] == best.indices[:-1].numpy()).all()
         assert (rows.ids[-1] == 0).all() and np.isneginf(rows.logprobs[-1]).all()  # never computed
+
+
+def test_tail_samples_are_drawn_outside_the_top_k_with_the_teachers_log_probs(tiny_llama):
+    config = SamplingConfig(max_length=12, seed=1, save_topk=5, save_tail=3)
+    starts = [18, 25, 40]
+    sequences, rows = generate_batch(tiny_llama, starts, 4, config, stop_tokens={7, 9})
+    top_sequences, top_rows = generate_batch(tiny_llama, starts, 4, replace(config, save_tail=0), stop_tokens={7, 9})
+    assert sequences == top_sequences  # the tail draws its own uniforms: the text is the same
+    drawn = set()
+    for ids, with_tail, top in zip(sequences, rows, top_rows):
+        assert with_tail.ids.shape == (len(ids), 8)
+        np.testing.assert_array_equal(with_tail.ids[:, :5], top.ids)  # the top-K columns first, as without a tail
+        np.testing.assert_array_equal(with_tail.logprobs[:, :5], top.logprobs)
+        reference = teacher_forced_log_probs(tiny_llama, ids)[:-1]
+        samples = torch.from_numpy(with_tail.ids[:-1, 5:]).long()
+        assert not (samples.unsqueeze(-1) == torch.from_numpy(top.ids[:-1]).long().unsqueeze(1)).any()
+        torch.testing.assert_close(torch.from_numpy(with_tail.logprobs[:-1, 5:]).double(),
+                                   reference.gather(-1, samples), atol=1e-5, rtol=0)
+        drawn |= set(samples.flatten().tolist())
+    assert len(drawn) > 10  # samples, not one token repeated
+
+
+def test_tail_sampling_draws_the_rest_in_proportion_to_its_probability():
+    log_probs = torch.log_softmax(torch.tensor([[2.0, 0.5, -1.0, 3.0, float("-inf"), 0.0, 1.0]]), -1)
+    top = torch.tensor([[3, 0]])
+    n = 200_000
+    uniforms = torch.rand(1, n, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sample_tail(log_probs, top, uniforms)[0], minlength=7).double()
+    rest = log_probs[0].exp().double().scatter(0, top[0], 0)
+    assert counts[[0, 3, 4]].sum() == 0  # never a top-K token, never one the teacher gives no probability
+    torch.testing.assert_close(counts / n, rest / rest.sum(), atol=3e-3, rtol=0)
+    # the inverse CDF: uniforms near 0 pick the first token of the rest, near 1 its last
+    assert sample_tail(log_probs, top, torch.tensor([[0.0, 0.999999]])).tolist() == [[1, 6]]
 
 
 def test_top_k_sampling_stays_in_the_top_k():
@@ -218,11 +252,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tokenizer,
     assert run_shard(tiny_llama, tokenizer, killed) == 0  # a finished shard has nothing left to do
 
 
-@pytest.mark.parametrize("lines_kept,extra_rows", [(0, 3), (5, 0), (13, 20)])
+@pytest.mark.parametrize("lines_kept,extra_rows,tail", [(0, 3, 0), (5, 0, 0), (13, 20, 0), (5, 7, 2)])
 def test_a_killed_run_with_top_k_rows_resumes_to_the_uninterrupted_rows(tiny_llama, tokenizer, tmp_path, lines_kept,
-                                                                       extra_rows):
+                                                                       extra_rows, tail):
     whole = tmp_path / "whole.jsonl"
-    run_shard(tiny_llama, tokenizer, whole, save_topk=4)
+    run_shard(tiny_llama, tokenizer, whole, save_topk=4, save_tail=tail)
     lines = whole.read_text().splitlines(keepends=True)
     records = [SequenceRecord.from_line(line) for line in lines]
     assert [r.topk[1] for r in records] == list(np.cumsum([0] + [len(r.input_ids) for r in records[:-1]]))
@@ -230,14 +264,14 @@ def test_a_killed_run_with_top_k_rows_resumes_to_the_uninterrupted_rows(tiny_lla
     killed = tmp_path / "killed.jsonl"
     killed.write_text("".join(lines[:lines_kept]))
     rows_kept = sum(len(r.input_ids) for r in records[:lines_kept]) + extra_rows
-    side_file(killed).write_bytes(side_file(whole).read_bytes()[:rows_kept * 4 * 8])
-    assert run_shard(tiny_llama, tokenizer, killed, save_topk=4) == len(lines) - lines_kept
+    side_file(killed).write_bytes(side_file(whole).read_bytes()[:rows_kept * (4 + tail) * 8])
+    assert run_shard(tiny_llama, tokenizer, killed, save_topk=4, save_tail=tail) == len(lines) - lines_kept
     assert killed.read_bytes() == whole.read_bytes()  # batches in order: the very same bytes
     assert side_file(killed).read_bytes() == side_file(whole).read_bytes()
     first = records[7]
-    rows = read_rows(side_file(killed), first.topk[1], len(first.input_ids), 4)
+    rows = read_rows(side_file(killed), first.topk[1], len(first.input_ids), 4 + tail)
     reference = teacher_forced_log_probs(tiny_llama, first.input_ids).topk(4, dim=-1)
-    assert (rows.ids[:-1] == reference.indices[:-1].numpy()).all()
+    assert (rows.ids[:-1, :4] == reference.indices[:-1].numpy()).all()
 
 
 def test_rows_cut_short_are_an_error_naming_the_fix(tiny_llama, tokenizer, tmp_path):
@@ -321,7 +355,11 @@ def test_bad_command_lines_fail_with_one_line(tmp_path, capsys):
                            "does not exist: run make vllm"),
                           (["--tensor-parallel-size", "2"], "vLLM's: add --engine vllm"),
                           (["--engine", "vllm", "--vllm-python", str(blocker), "--tensor-parallel-size", "0"],
-                           "--tensor-parallel-size 0 must be at least 1")):
+                           "--tensor-parallel-size 0 must be at least 1"),
+                          (["--save-tail", "4"], "--save-tail 4 samples the teacher's distribution outside its top-K; "
+                                                 "add --save-topk K"),
+                          (["--engine", "vllm", "--vllm-python", str(blocker), "--save-topk", "8", "--save-tail", "4"],
+                           "--save-tail 4 needs the teacher's whole distribution")):
         with pytest.raises(SystemExit) as exit_info:
             generate_data.main(argv + ["--device", "cpu"])
         assert message in str(exit_info.value) and "\n" not in str(exit_info.value)

@@ -22,7 +22,8 @@ import train
 from conftest import save_tiny_teacher
 from models import QuantLinear
 from models.quantize import QATConfig, quantize_model
-from utils.data.dataset import TEACHER_TOPK_KEYS, PadCollator
+from utils.data.dataset import TEACHER_TAIL_KEYS, TEACHER_TOPK_KEYS, PadCollator
+from utils.data.sampler import sample_tail
 from utils.data.teacher_topk import SequenceTopK, write_store
 from utils.training.kd_trainer import cached_kd_loss
 from utils.training.loading import load_model
@@ -234,44 +235,57 @@ def test_next_token_loss_trains_without_a_teacher_on_the_datas_own_tokens(tiny_t
         train.DistillationArguments(loss="mse")
 
 
-def teacher_topk_rows(teacher_dir, data, k):
-    """Every line's rows as generate_data.py --save-topk caches them: the teacher's top-K at each position, none
-    at the last."""
+def teacher_topk_rows(teacher_dir, data, k, tail=0):
+    """Every line's rows as generate_data.py --save-topk K --save-tail S caches them: the teacher's top-K at each
+    position, then S tokens drawn from the rest of its distribution, none at the last."""
     teacher = load_model(teacher_dir, quantized=False)
     rows = []
     for line in data.read_text().splitlines():
         with torch.no_grad():
-            logits = teacher(torch.tensor([json.loads(line)["input_ids"]])).logits[0]
-        logprobs, ids = F.log_softmax(logits.float(), -1).topk(k, -1)
+            log_p = F.log_softmax(teacher(torch.tensor([json.loads(line)["input_ids"]])).logits[0].float(), -1)
+        logprobs, ids = log_p.topk(k, -1)
+        drawn = sample_tail(log_p, ids, torch.rand(len(ids), tail, generator=torch.Generator().manual_seed(0)))
+        ids, logprobs = torch.cat([ids, drawn], -1), torch.cat([logprobs, log_p.gather(-1, drawn)], -1)
         rows.append(SequenceTopK(ids.int().numpy(), logprobs.numpy()))
         rows[-1].ids[-1], rows[-1].logprobs[-1] = 0, -np.inf
     return rows
 
 
-def test_cached_teacher_trains_from_the_top_k_stored_with_the_data(tiny_teacher_dir, tmp_path, model_loads, caplog):
+@pytest.mark.parametrize("flags, topk, tail, note", [
+    (("--topk", "5"), 5, 0, "cached top-5 (of 8)"),
+    (("--tail_samples", "2"), 8, 2, "cached top-8 (of 8) + 2 tail samples (of 3)"),
+])
+def test_cached_teacher_trains_from_the_top_k_stored_with_the_data(tiny_teacher_dir, tmp_path, model_loads, caplog,
+                                                                   flags, topk, tail, note):
     """--teacher cached: no teacher is loaded; the logged first loss is the cached KL of the first batch, each
-    position beside its own cached row, over the --topk most likely of the tokens stored."""
+    position beside its own cached row, over the --topk most likely of the tokens stored, and the first
+    --tail_samples of the tail samples stored after them."""
     data = tmp_path / "data.jsonl"
     shutil.copy(tiny_teacher_dir / "data.jsonl", data)
-    rows = teacher_topk_rows(tiny_teacher_dir / "teacher", data, k=8)
-    store = write_store(data, rows, hashlib.sha256(data.read_bytes()).hexdigest())
+    rows = teacher_topk_rows(tiny_teacher_dir / "teacher", data, k=8, tail=3)
+    store = write_store(data, rows, hashlib.sha256(data.read_bytes()).hexdigest(), tail=3)
     output = tmp_path / "out"
     args = train_args(tiny_teacher_dir, output, "--max_steps", "2", "--per_device_train_batch_size", "4",
-                      "--teacher", "cached", "--topk", "5", "--seed", "0")
+                      "--teacher", "cached", *flags, "--seed", "0")
     args[args.index("--data_path") + 1] = str(data)
     with caplog.at_level("INFO", logger="train"):
         train.main(args)
     assert len(model_loads) == 1  # the student only
-    assert f"teacher: cached top-5 (of 8) from {store.directory}" in caplog.text
+    assert f"teacher: {note} from {store.directory}" in caplog.text
     assert isinstance(load_model(output).model.layers[0].self_attn.k_proj, QuantLinear)
 
     student = quantize_model(load_model(tiny_teacher_dir / "teacher", quantized=False), QATConfig(4, 8, 4))
     lines = [json.loads(line)["input_ids"] for line in data.read_text().splitlines()]  # all shorter than 16
-    batch = PadCollator(0)([{"input_ids": ids, **dict(zip(TEACHER_TOPK_KEYS, (r.ids[:, :5], r.logprobs[:, :5])))}
-                            for ids, r in zip(lines, rows)])
+    def example(ids, r):  # as the dataset serves it: the first topk columns, then the first tail samples
+        item = {"input_ids": ids, **dict(zip(TEACHER_TOPK_KEYS, (r.ids[:, :topk], r.logprobs[:, :topk])))}
+        if tail:
+            item.update(zip(TEACHER_TAIL_KEYS, (r.ids[:, 8:8 + tail], r.logprobs[:, 8:8 + tail])))
+        return item
+    batch = PadCollator(0)([example(ids, r) for ids, r in zip(lines, rows)])
     with torch.no_grad():
         logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = cached_kd_loss(logits, *(batch[key] for key in TEACHER_TOPK_KEYS), batch["attention_mask"])
+    expected = cached_kd_loss(logits, *(batch[key] for key in TEACHER_TOPK_KEYS), batch["attention_mask"],
+                              tail_ids=batch.get(TEACHER_TAIL_KEYS[0]), tail_logprobs=batch.get(TEACHER_TAIL_KEYS[1]))
     first, second = logged_losses(output)
     assert first == pytest.approx(expected.item(), rel=1e-3) and second < first
 
@@ -356,6 +370,8 @@ def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_checkpoint_to_resume(ti
     (("--teacher", "cached", "--packing"), r"--packing cannot be used with the cached teacher \(--teacher cached\)"),
     (("--teacher", "logits"), "--teacher 'logits' is not supported; use model or cached"),
     (("--topk", "8"), "--topk 8 selects among the cached teacher's tokens; add --teacher cached, or drop --topk"),
+    (("--tail_samples", "4"), "--tail_samples 4 selects among the cached teacher's tokens; add --teacher cached, or "
+                              "drop --tail_samples"),
 ])
 def test_a_run_that_would_not_train_as_asked_is_refused_before_loading_anything(tiny_teacher_dir, tmp_path,
                                                                                  monkeypatch, flags, message):

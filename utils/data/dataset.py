@@ -5,7 +5,7 @@ Each line gives `input_ids` (exact token ids, preferred: no re-tokenization drif
 `packing`, concatenated and cut into blocks of exactly `max_length` tokens so no position is padding. The dataset reads its examples from the token
 store beside the .jsonl (utils/data/token_store.py), built on first use, so its memory does not grow with the data.
 With `teacher_topk`, each example also carries the teacher's top-K log-probabilities of its positions, cached with
-the data (utils/data/teacher_topk.py), for KD without a resident teacher.
+the data (utils/data/teacher_topk.py), for KD without a resident teacher, and its tail samples when the data has them.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from utils.data.token_store import MAX_VOCAB_SIZE, open_token_store
 
 logger = logging.getLogger(__name__)
 TEACHER_TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs")  # an example's [length, K] cached teacher rows
+TEACHER_TAIL_KEYS = ("teacher_tail_ids", "teacher_tail_logprobs")  # [length, S]: its samples outside the top-K
 
 
 def existing_data_file(path: str | Path) -> Path:
@@ -72,27 +73,39 @@ def read_token_sequences(path: str | Path, tokenizer=None, teacher: TeacherIdent
     return list(iter_token_sequences(path, tokenizer, teacher, vocab_size))
 
 
-def check_topk(topk: int | None, store) -> int | None:
-    """How many of the store's K columns an example gets (None: all): at least 1 and at most K."""
-    if topk is None:
-        return None
+def check_columns(topk: int | None, tail: int | None, store) -> tuple[int | None, int]:
+    """How many of the store's K top columns and S tail samples an example gets (None: all of them). Fewer top columns
+    drop the tail: it was drawn outside all K, so the columns between would be counted nowhere."""
     if store is None:
-        raise ValueError(f"topk={topk} selects among the cached teacher's tokens; pass teacher_topk=True too")
+        given = ", ".join(f"{name}={value}" for name, value in (("topk", topk), ("tail", tail)) if value is not None)
+        if given:
+            raise ValueError(f"{given} selects among the cached teacher's tokens; pass teacher_topk=True too")
+        return None, 0
+    topk = store.k if topk is None else topk
     if not 1 <= topk <= store.k:
         raise ValueError(f"--topk {topk}: the data holds the teacher's top-{store.k}; pass 1..{store.k}, or generate "
                          f"the data again with generate_data.py --save-topk {topk}")
-    return topk
+    tail = (store.tail if topk == store.k else 0) if tail is None else tail
+    if not 0 <= tail <= store.tail:
+        raise ValueError(f"--tail_samples {tail}: the data holds {store.tail} tail samples a token; pass "
+                         f"0..{store.tail}, or generate the data again with generate_data.py --save-tail {tail}")
+    if tail and topk < store.k:
+        raise ValueError(f"--topk {topk} with --tail_samples {tail}: the tail was drawn outside the top-{store.k}, so "
+                         f"the tokens between its top-{topk} and top-{store.k} would count nowhere; pass --topk {store.k} "
+                         "or --tail_samples 0")
+    return topk, tail
 
 
 class TokenSequenceDataset(Dataset):
     """Examples sliced from the memory-mapped token store of `path`: truncated sequences, or packed blocks (the
     store's ids are already the concatenation of all sequences). With `teacher_topk`, the teacher's cached top-K
     rows of the same positions too (`self.teacher_topk`, keys TEACHER_TOPK_KEYS), or their first `topk` columns, the
-    `topk` most likely tokens (the store keeps them most likely first); not with packing."""
+    `topk` most likely tokens (the store keeps them most likely first); with the first `tail` of its tail samples
+    (keys TEACHER_TAIL_KEYS; default all when every top column is read); not with packing."""
 
     def __init__(self, path: str | Path, max_length: int, tokenizer=None, packing: bool = False,
                  teacher: TeacherIdentity | None = None, vocab_size: int | None = None, teacher_topk: bool = False,
-                 topk: int | None = None):
+                 topk: int | None = None, tail: int | None = None):
         if max_length < 1:
             raise ValueError(f"--model_max_length {max_length} must be at least 1")
         check_packing(packing, teacher_topk)
@@ -108,7 +121,7 @@ class TokenSequenceDataset(Dataset):
         manifest = self.store.manifest
         self.teacher_topk = (open_teacher_topk(path, manifest["source"]["sha256"], manifest["tokens"],
                                                manifest["sequences"]) if teacher_topk else None)
-        self.topk = check_topk(topk, self.teacher_topk)
+        self.topk, self.tail = check_columns(topk, tail, self.teacher_topk)
         if packing:
             self.num_examples = len(self.store.tokens) // max_length
             if not self.num_examples:
@@ -134,14 +147,18 @@ class TokenSequenceDataset(Dataset):
         tokens = slice(start, start + length)
         example = {"input_ids": self.store.tokens[tokens].tolist()}
         if self.teacher_topk is not None:  # copies: writable arrays, which torch wraps (the maps are read-only)
-            example[TEACHER_TOPK_KEYS[0]] = np.array(self.teacher_topk.ids[tokens, :self.topk])
-            example[TEACHER_TOPK_KEYS[1]] = np.array(self.teacher_topk.logprobs[tokens, :self.topk])
+            store, k = self.teacher_topk, self.teacher_topk.k
+            example[TEACHER_TOPK_KEYS[0]] = np.array(store.ids[tokens, :self.topk])
+            example[TEACHER_TOPK_KEYS[1]] = np.array(store.logprobs[tokens, :self.topk])
+            if self.tail:
+                example[TEACHER_TAIL_KEYS[0]] = np.array(store.ids[tokens, k:k + self.tail])
+                example[TEACHER_TAIL_KEYS[1]] = np.array(store.logprobs[tokens, k:k + self.tail])
         return example
 
 
 class PadCollator:
     """Right-pads a batch to its longest sequence; the attention mask keeps padding out of the loss. The cached
-    teacher's rows, when the examples have them, become [batch, longest, K] tensors, padded with rows without a
+    teacher's rows (and tail samples), when the examples have them, become [batch, longest, K] tensors, padded with rows without a
     distribution (ids 0, log-probabilities -inf)."""
 
     def __init__(self, pad_token_id: int):
@@ -156,11 +173,11 @@ class PadCollator:
             input_ids[row, :len(ids)] = torch.tensor(ids)
             attention_mask[row, :len(ids)] = 1
         collated = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if TEACHER_TOPK_KEYS[0] in batch[0]:
-            ids_key, logprobs_key = TEACHER_TOPK_KEYS
-            collated[ids_key] = _pad_rows([item[ids_key] for item in batch], longest, 0, torch.long)
-            collated[logprobs_key] = _pad_rows([item[logprobs_key] for item in batch], longest, float("-inf"),
-                                               torch.float32)
+        for ids_key, logprobs_key in (TEACHER_TOPK_KEYS, TEACHER_TAIL_KEYS):
+            if ids_key in batch[0]:
+                collated[ids_key] = _pad_rows([item[ids_key] for item in batch], longest, 0, torch.long)
+                collated[logprobs_key] = _pad_rows([item[logprobs_key] for item in batch], longest, float("-inf"),
+                                                   torch.float32)
         return collated
 
 

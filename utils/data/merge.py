@@ -110,6 +110,7 @@ class MergeReport:
     teacher: TeacherIdentity | None = None
     settings: list[str] = field(default_factory=list)  # the sampling settings met, in order
     topk: int | None = None  # K of the kept lines' teacher top-K rows; 0 when they have none
+    tail: int = 0  # S, their tail samples
 
     @property
     def kept(self) -> int:
@@ -190,22 +191,28 @@ def validate_shards(files: list[Path], kept: IO[str], allow_mixed_settings: bool
                 if digest in seen:
                     report.duplicates += 1
                     continue
-                k = record.topk[0] if record.topk else 0
+                k, tail = (record.topk[0], record.topk[2]) if record.topk else (0, 0)
                 if report.topk is None:
-                    report.topk, topk_file = k, path
-                elif k != report.topk:
+                    report.topk, report.tail, topk_file = k, tail, path
+                elif (k, tail) != (report.topk, report.tail):
                     raise MixedSettingsError(
-                        f"{location} has {f'top-{k}' if k else 'no'} teacher rows but {topk_file} "
-                        f"{f'top-{report.topk}' if report.topk else 'none'}; merge shards generated with one "
-                        "--save-topk at a time")
+                        f"{location} has {describe_rows(k, tail)} teacher rows but {topk_file} "
+                        f"{describe_rows(report.topk, report.tail)}; merge shards generated with one --save-topk "
+                        "and --save-tail at a time")
                 seen.add(digest)
                 report.train.add(record)
                 kept.write(line if line.endswith("\n") else line + "\n")
                 if k and kept_rows is not None:
-                    append_rows(kept_rows, [read_rows(side_file(path), record.topk[1], len(record.input_ids), k)], k)
+                    width = record.topk_width
+                    append_rows(kept_rows, [read_rows(side_file(path), record.topk[1], len(record.input_ids), width)],
+                                width)
     if not report.kept:
         raise ValueError(f"no valid line in {len(files)} shard file(s); check them with generate_data.py")
     return report
+
+
+def describe_rows(k: int, tail: int) -> str:
+    return (f"top-{k}" + (f" + {tail} tail" if tail else "")) if k else "no"
 
 
 def split(kept: IO[str], kept_rows: IO[bytes], output: Path, heldout_path: Path | None, count: int, seed: int,
@@ -215,17 +222,17 @@ def split(kept: IO[str], kept_rows: IO[bytes], output: Path, heldout_path: Path 
     held = heldout_start_tokens(report.train.start_tokens, count, seed) if heldout_path else set()
     report.train, report.heldout = SplitStatistics(), SplitStatistics()
     outputs = [output] + ([heldout_path] if heldout_path else [])
-    k = report.topk
+    k, tail = report.topk, report.tail
     with ExitStack() as stack:
         files = [stack.enter_context(atomic_file(path)) for path in outputs]
-        stores = [stack.enter_context(store_writer(path, k)) for path in outputs] if k else []
+        stores = [stack.enter_context(store_writer(path, k, tail)) for path in outputs] if k else []
         for line in kept:
             record = SequenceRecord.from_line(line)
             held_out = record.start_token in held
             (report.heldout if held_out else report.train).add(record)
             files[held_out].write(line)
             if k:
-                stores[held_out].add(next_rows(kept_rows, len(record.input_ids), k))
+                stores[held_out].add(next_rows(kept_rows, len(record.input_ids), k + tail))
         for file in files:  # the stores name the files' digests, so the files are complete before the stores are
             file.flush()
         for store, file in zip(stores, files):

@@ -100,14 +100,19 @@ class SequenceRecord:
     teacher: TeacherIdentity
     sampling: str  # SamplingConfig.describe(): a shard holds one setting, a merge one unless asked otherwise
     text: str = ""
-    topk: tuple[int, int] | None = None  # (K, first row) of its teacher top-K rows (utils/data/teacher_topk.py)
+    topk: tuple[int, int, int] | None = None  # (K, first row, S tail samples) of its teacher rows (teacher_topk.py)
+
+    @property
+    def topk_width(self) -> int:
+        """Columns of its teacher rows: K + S (0 without rows)."""
+        return self.topk[0] + self.topk[2] if self.topk else 0
 
     def to_line(self) -> str:
         record = {"text": self.text, "input_ids": self.input_ids, "start_token": self.start_token,
                   "greedy_tokens": self.greedy_tokens, "shard": self.shard, "num_shards": self.num_shards,
                   "teacher": str(self.teacher), "sampling": self.sampling}
-        if self.topk is not None:
-            record["topk"] = list(self.topk)
+        if self.topk is not None:  # [K, first row], and S only when there are tail samples
+            record["topk"] = list(self.topk) if self.topk[2] else list(self.topk[:2])
         return json.dumps(record) + "\n"
 
     @classmethod
@@ -126,12 +131,12 @@ class SequenceRecord:
             raise ValueError("field 'input_ids' missing or empty")
         check_token_ids(ids, teacher.vocab_size)
         topk = record.get("topk")
-        if topk is not None and not (isinstance(topk, list) and len(topk) == 2
+        if topk is not None and not (isinstance(topk, list) and len(topk) in (2, 3)
                                      and all(isinstance(v, int) and v >= 0 for v in topk) and topk[0] > 0):
-            raise ValueError("field 'topk' is not [K, first row]")
+            raise ValueError("field 'topk' is not [K, first row] or [K, first row, S]")
         result = cls(ids, _int(record, "start_token"), _int(record, "greedy_tokens"), _int(record, "shard"),
                      _int(record, "num_shards"), teacher, _str(record, "sampling"), _str(record, "text"),
-                     tuple(topk) if topk else None)
+                     (*topk, 0)[:3] if topk else None)
         if ids[0] != result.start_token:
             raise ValueError("input_ids do not begin with start_token")
         return result

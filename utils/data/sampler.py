@@ -38,6 +38,7 @@ class SamplingConfig:
     top_k: int = 50  # 0 = sample from the whole vocabulary
     seed: int = 0
     save_topk: int = 0  # K > 0: keep the teacher's K most likely tokens at every position (utils/data/teacher_topk.py)
+    save_tail: int = 0  # S > 0: and S tokens drawn from the teacher's distribution outside those K
 
     def check(self):
         if not self.greedy_lengths or min(self.greedy_lengths) < 1:
@@ -49,14 +50,15 @@ class SamplingConfig:
             raise ValueError(f"--temperature {self.temperature} must be a finite number > 0 (paper: 1)")
         if self.top_k < 0:
             raise ValueError(f"--top-k {self.top_k} must be 0 or more (paper: 50; 0 = no top-k filter)")
-        check_k(self.save_topk)
+        check_k(self.save_topk, self.save_tail)
 
     def describe(self, engine: str = "hf") -> str:
         """Recorded in every line, so a rerun with other settings, or with the other engine, cannot silently extend a
         shard. The HF engine goes unnamed: its shards were written before there was another."""
         greedy = ",".join(map(str, self.greedy_lengths))
         named = "" if engine == "hf" else f" engine={engine}"
-        cached = f" save_topk={self.save_topk}" if self.save_topk else ""
+        cached = (f" save_topk={self.save_topk}" if self.save_topk else "") + (
+            f" save_tail={self.save_tail}" if self.save_tail else "")
         return (f"greedy={greedy} max_length={self.max_length} temperature={self.temperature:g} "
                 f"top_k={self.top_k} seed={self.seed}{named}{cached}")
 
@@ -84,17 +86,19 @@ def default_batch_size(model, device: torch.device, max_length: int) -> int:
     return min(256, 1 << (fitting.bit_length() - 1))
 
 
-def sequence_seed(seed: int, start_token: int, greedy_tokens: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{start_token}:{greedy_tokens}".encode()).digest()
+def sequence_seed(seed: int, start_token: int, greedy_tokens: int, purpose: str = "") -> int:
+    digest = hashlib.sha256(f"{seed}:{start_token}:{greedy_tokens}{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes 63 bits
 
 
-def sequence_uniforms(start_tokens: list[int], greedy_tokens: int, config: SamplingConfig) -> torch.Tensor:
-    """[rows, max_length] uniforms; row r's come from its own generator, so they do not depend on the batch."""
+def sequence_uniforms(start_tokens: list[int], greedy_tokens: int, config: SamplingConfig, per_step: int = 1,
+                      purpose: str = "") -> torch.Tensor:
+    """[rows, max_length, per_step] uniforms; row r's come from its own generator, so they do not depend on the
+    batch. The tail samples draw theirs for another `purpose`, so keeping them leaves the text as it is."""
     rows = []
     for token in start_tokens:
-        generator = torch.Generator().manual_seed(sequence_seed(config.seed, token, greedy_tokens))
-        rows.append(torch.rand(config.max_length, generator=generator))
+        generator = torch.Generator().manual_seed(sequence_seed(config.seed, token, greedy_tokens, purpose))
+        rows.append(torch.rand(config.max_length, per_step, generator=generator))
     return torch.stack(rows)
 
 
@@ -110,17 +114,30 @@ def sample_top_k(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     return indices.gather(1, choice.unsqueeze(1)).squeeze(1)
 
 
+def sample_tail(log_probs: torch.Tensor, top_ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[rows, S] tokens drawn with replacement from softmax restricted to the tokens outside `top_ids` (the
+    teacher's full distribution, temperature 1: the KD target, not the sampling filter), by inverse CDF."""
+    rest = log_probs.exp().scatter(-1, top_ids, 0)
+    cdf = rest.cumsum(dim=-1)
+    # right=True skips the zeroed top-K tokens, whose CDF equals their predecessor's
+    choice = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    return choice.clamp(max=log_probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: SamplingConfig,
                    stop_tokens: set[int] = frozenset()) -> Generated:
     """One sequence per start token: `greedy_tokens` top-1 tokens (start token included), then sampled tokens
     up to `config.max_length`. A row stops after emitting a stop token (kept, as `generate` keeps EOS).
-    With `config.save_topk`, also each sequence's top-K rows: the distribution every step computed anyway."""
+    With `config.save_topk`, also each sequence's top-K rows: the distribution every step computed anyway, and with
+    `config.save_tail` its tail samples after them."""
     device = model.device
-    uniforms = sequence_uniforms(start_tokens, greedy_tokens, config).to(device)
+    uniforms = sequence_uniforms(start_tokens, greedy_tokens, config)[..., 0].to(device)
     sequences = [[token] for token in start_tokens]
-    k = config.save_topk
-    topk = [SequenceTopK.empty(config.max_length, k) for _ in start_tokens] if k else None
+    k, tail = config.save_topk, config.save_tail
+    topk = [SequenceTopK.empty(config.max_length, k + tail) for _ in start_tokens] if k else None
+    if tail:
+        tail_uniforms = sequence_uniforms(start_tokens, greedy_tokens, config, tail, ":tail").to(device)
     active = list(range(len(start_tokens)))  # batch row -> index in `sequences`
     active_rows = torch.arange(len(start_tokens), device=device)  # the same, on the device
     next_tokens = torch.tensor(start_tokens, device=device)
@@ -129,7 +146,11 @@ def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: S
     for position in range(1, config.max_length):
         logits = model(input_ids=next_tokens.unsqueeze(1), past_key_values=cache, use_cache=True).logits[:, -1]
         if k:  # the row of position - 1: the distribution the token at `position` comes from
-            values, indices = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            values, indices = log_probs.topk(k, dim=-1)
+            if tail:
+                drawn = sample_tail(log_probs, indices, tail_uniforms[active_rows, position - 1])
+                values, indices = torch.cat([values, log_probs.gather(-1, drawn)], -1), torch.cat([indices, drawn], -1)
             for row, ids, logprobs in zip(active, indices.cpu().numpy(), values.cpu().numpy()):
                 topk[row].ids[position - 1], topk[row].logprobs[position - 1] = ids, logprobs
         if position < greedy_tokens:

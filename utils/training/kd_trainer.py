@@ -11,7 +11,8 @@ The paper's loss ablation (Table 4) trains on the data's own next tokens instead
 
 Without a resident teacher (`teacher="cached"`, train.py --teacher cached) the KL is taken over K + 1 bins: the
 teacher's K most likely tokens, cached with the data (utils/data/teacher_topk.py), and one bucket for the rest of
-the vocabulary, whose teacher probability is what the K leave over (`cached_kd_loss`).
+the vocabulary, whose teacher probability is what the K leave over (`cached_kd_loss`). With tail samples cached too,
+the rest is no longer one bucket: the samples give an unbiased estimate of the full KL and of its gradient.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import CONFIG_NAME
 
 from models.checkpoint import write_remote_code
-from utils.data.dataset import TEACHER_TOPK_KEYS
+from utils.data.dataset import TEACHER_TAIL_KEYS, TEACHER_TOPK_KEYS
 
 REDUCTIONS = ("batchmean", "token_mean")
 LOSSES = ("kd", "ce")  # KL to the teacher's logits (the paper's method); next-token cross-entropy (its ablation)
@@ -81,15 +82,22 @@ def _teacher_logits_target(teacher_logits: torch.Tensor):
     return target
 
 
-def _cached_topk_target(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor):
+def _cached_topk_target(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_ids: torch.Tensor | None = None,
+                        tail_logprobs: torch.Tensor | None = None):
     """The chunked KL's target for the teacher's cached top-K: K + 1 bins, the K tokens and the rest of the
     vocabulary. P_i = exp(logprob_i), P_rest = max(0, 1 - sum P_i); Q_rest is the student's probability outside the
     K ids.
     d KL / d s_j = q_j - P_i for j = id_i, and q_j - q_j P_rest / Q_rest for the rest: the target spreads P_rest over
-    the rest in the student's own proportions. A row without a distribution (logprobs -inf) gives finite values that
-    its weight 0 removes."""
+    the rest in the student's own proportions, so the student's shape inside the rest is never taught.
+    With S tail samples t_1..t_S drawn from the teacher's distribution inside the rest, the target puts P_rest / S on
+    each sample instead (its expectation is the teacher's own p_j there) and the rest's KL is estimated as
+    P_rest * mean_s (log p(t_s) - log q(t_s)): both unbiased for full-vocabulary KD (Anshumann et al. 2025).
+    A row without a distribution (logprobs -inf) gives finite values that its weight 0 removes."""
     ids = topk_ids.reshape(-1, topk_ids.shape[-1]).long()
     logprobs = topk_logprobs.detach().reshape(-1, topk_logprobs.shape[-1]).float()
+    if tail_ids is not None:
+        tail_ids = tail_ids.reshape(-1, tail_ids.shape[-1]).long()
+        tail_logprobs = tail_logprobs.detach().reshape(-1, tail_logprobs.shape[-1]).float()
 
     def target(log_q, rows):
         row_ids, log_p = ids[rows], logprobs[rows]
@@ -99,6 +107,13 @@ def _cached_topk_target(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor):
         p_rest = torch.where(log_q_rest > float("-inf"), (1 - p.sum(-1)).clamp(min=0), 0)
         has_rest = p_rest > 0
         top_kl = torch.where(p > 0, p * (log_p - log_q.gather(-1, row_ids)), 0).sum(-1)
+        if tail_ids is not None:
+            samples, sample_log_p = tail_ids[rows], tail_logprobs[rows]
+            drawn = sample_log_p > float("-inf")
+            sample_kl = torch.where(drawn, sample_log_p - log_q.gather(-1, samples), 0).mean(-1)
+            p_full = torch.zeros_like(log_q).scatter_add_(-1, samples, (p_rest.unsqueeze(-1) / samples.shape[-1])
+                                                          .expand(samples.shape).contiguous())
+            return top_kl + p_rest * sample_kl, p_full.scatter_(-1, row_ids, p)
         log_rest_ratio = torch.where(has_rest, p_rest.log() - log_q_rest, float("-inf"))  # log(P_rest / Q_rest)
         rest_kl = torch.where(has_rest, p_rest * log_rest_ratio, 0)
         # In log space: log q_j - log Q_rest <= 0, so no overflow however little mass the student leaves outside.
@@ -144,13 +159,18 @@ def cached_positions(topk_logprobs: torch.Tensor, attention_mask: torch.Tensor |
 
 def cached_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, reduction: str = "batchmean", chunk_rows: int = 1024,
-                   num_positions: torch.Tensor | None = None) -> torch.Tensor:
+                   num_positions: torch.Tensor | None = None, tail_ids: torch.Tensor | None = None,
+                   tail_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) over K + 1 bins (`_cached_topk_target`) from the teacher's cached top-K ids and
-    log-probabilities [batch, seq, K]. Positions without a cached distribution (a sequence's last) and padding
-    (mask 0) do not count; token_mean divides by the positions that do, or by `num_positions` as `kd_loss` does."""
+    log-probabilities [batch, seq, K], or its estimate from the tail samples [batch, seq, S] when given. Positions
+    without a cached distribution (a sequence's last) and padding (mask 0) do not count; token_mean divides by the
+    positions that do, or by `num_positions` as `kd_loss` does."""
     _check_reduction(reduction)
+    if (tail_ids is None) != (tail_logprobs is None):
+        raise ValueError("pass the tail samples' ids and log-probabilities together")
     weights = _position_weights(cached_positions(topk_logprobs, attention_mask), reduction, num_positions)
-    return _ChunkedKLDivergence.apply(student_logits, _cached_topk_target(topk_ids, topk_logprobs), weights,
+    return _ChunkedKLDivergence.apply(student_logits,
+                                      _cached_topk_target(topk_ids, topk_logprobs, tail_ids, tail_logprobs), weights,
                                       chunk_rows)
 
 
@@ -160,8 +180,8 @@ class KDTrainer(Trainer):
     so it is kept out of the optimizer and of checkpoints; under FSDP2 and ZeRO-3 it is sharded like the student.
     With `loss="ce"` there is no teacher: the student learns the data's next tokens (the paper's "label" ablation).
     With `teacher="cached"` no teacher model runs: every batch brings the teacher's top-K log-probabilities cached
-    with the data (`TokenSequenceDataset(teacher_topk=True)`, keys TEACHER_TOPK_KEYS), and the loss is
-    `cached_kd_loss`."""
+    with the data (`TokenSequenceDataset(teacher_topk=True)`, keys TEACHER_TOPK_KEYS, and TEACHER_TAIL_KEYS when it
+    has tail samples), and the loss is `cached_kd_loss`."""
 
     def __init__(self, *args, teacher: torch.nn.Module | str | None, kd_reduction: str = "batchmean",
                  loss: str = "kd", **kwargs):
@@ -194,16 +214,18 @@ class KDTrainer(Trainer):
         are not, and compute_loss needs them."""
         super()._set_signature_columns_if_needed()
         if self.teacher_is_cached:
-            self._signature_columns += [key for key in TEACHER_TOPK_KEYS if key not in self._signature_columns]
+            self._signature_columns += [key for key in (*TEACHER_TOPK_KEYS, *TEACHER_TAIL_KEYS)
+                                        if key not in self._signature_columns]
 
     @staticmethod
-    def _cached_rows(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached teacher's top-K ids and log-probabilities [batch, seq, K] of a batch."""
+    def _cached_rows(batch) -> tuple[torch.Tensor, ...]:
+        """The cached teacher's top-K ids and log-probabilities [batch, seq, K] of a batch, then its tail samples'
+        [batch, seq, S] (None, None without)."""
         missing = [key for key in TEACHER_TOPK_KEYS if key not in batch]
         if missing:
             raise ValueError(f"the batch has no {missing[0]}, which the cached teacher reads; build the dataset with "
                              "TokenSequenceDataset(teacher_topk=True), as train.py --teacher cached does")
-        return batch[TEACHER_TOPK_KEYS[0]], batch[TEACHER_TOPK_KEYS[1]]
+        return tuple(batch.get(key) for key in (*TEACHER_TOPK_KEYS, *TEACHER_TAIL_KEYS))
 
     def _kd_positions(self, batch) -> torch.Tensor:
         """The positions KD counts: every real token with a teacher model; with the cached teacher, those whose row
@@ -225,7 +247,7 @@ class KDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached_rows = self._cached_rows(inputs) if self.teacher_is_cached else None
-        inputs = {k: v for k, v in inputs.items() if k not in ("labels", *TEACHER_TOPK_KEYS)}
+        inputs = {k: v for k, v in inputs.items() if k not in ("labels", *TEACHER_TOPK_KEYS, *TEACHER_TAIL_KEYS)}
         if self.loss == "ce":  # the model shifts the labels; padding (mask 0) is ignored
             mask = inputs.get("attention_mask")
             labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
@@ -241,8 +263,9 @@ class KDTrainer(Trainer):
             num_items_in_batch = num_items_in_batch / self.args.world_size
         mask = inputs.get("attention_mask")
         if cached_rows is not None:
-            loss = cached_kd_loss(outputs.logits, *cached_rows, mask, self.kd_reduction,
-                                  num_positions=num_items_in_batch)
+            topk_ids, topk_logprobs, tail_ids, tail_logprobs = cached_rows
+            loss = cached_kd_loss(outputs.logits, topk_ids, topk_logprobs, mask, self.kd_reduction,
+                                  num_positions=num_items_in_batch, tail_ids=tail_ids, tail_logprobs=tail_logprobs)
         else:
             loss = kd_loss(outputs.logits, teacher_logits, mask, self.kd_reduction, num_positions=num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
