@@ -113,6 +113,8 @@ class QATTrainingArguments(TrainingArguments):
     save_steps: float = 2000
     optim: str = "adamw_torch_fused"  # PyTorch's fused AdamW; `--optim adamw_apex_fused` if NVIDIA apex is built
     logging_steps: float = 10
+    range_learning_rate: float | None = field(default=None, metadata={
+        "help": "learning rate of the clipping factors of --learn_ranges (default: --learning_rate)"})
 
     def __post_init__(self):
         # The Trainer takes --max_steps 0 as a step count (it runs one) and trains 0 epochs as asked: both would
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, quant_args, kd_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # bad settings fail here, before any model is loaded
     qat_config = QATConfig.from_flags(**with_default_bits(asdict(quant_args)))
+    if training_args.range_learning_rate is not None and qat_config.learn_ranges == "none":
+        raise ValueError(f"--range_learning_rate {training_args.range_learning_rate:g} trains learned ranges; add "
+                         "--learn_ranges weights, or drop --range_learning_rate")
     cached_teacher = kd_args.teacher == CACHED_TEACHER
     check_packing(data_args.packing, cached_teacher)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 teacher_note)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, loss=kd_args.loss,
-                        args=training_args,
+                        range_learning_rate=training_args.range_learning_rate, args=training_args,
                         train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
                         processing_class=tokenizer)
 

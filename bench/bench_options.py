@@ -38,6 +38,7 @@ def demo_results(config: QATConfig, out: Path, **demo_settings: str) -> dict[str
     env = {**os.environ, "OUT": str(out), "W_BITS": str(config.w_bits), "A_BITS": str(config.a_bits),
            "KV_BITS": str(config.kv_bits), "W_GROUP_SIZE": str(config.w_group_size or ""),
            "KV_PLACEMENT": config.kv_placement, "RECIPE": config.recipe, "ROTATE": config.rotate,
+           "LEARN_RANGES": config.learn_ranges,
            "PYTHON": sys.executable, **demo_settings}
     subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, check=True)
     return {json.loads(path.read_text())["method"]: json.loads(path.read_text())["metrics"]

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .quantize import CONFIG_KEY, QATConfig, quantize_model
+from .quantize import CONFIG_KEY, LEARNED_CLIP, QATConfig, quantize_model
 
 # The files `trust_remote_code` imports: they may import only torch, transformers, the standard library and
 # each other (see models/quantize.py).
@@ -87,10 +88,20 @@ def damaged_weight_file(directory: str | Path) -> Path | None:
     return None
 
 
+def _model_class(path: str | Path):
+    """AutoModelForCausalLM; for a student with learned ranges, its architecture told that the clipping factors in
+    its weight files are expected (`load_learned_ranges` reads them), so that loading does not report them lost."""
+    if (saved_config(path).get(CONFIG_KEY) or {}).get("learn_ranges", "none") == "none":
+        return AutoModelForCausalLM
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]
+    return type(base.__name__, (base,), {"__module__": base.__module__,
+                                         "_keys_to_ignore_on_load_unexpected": [rf"\.{LEARNED_CLIP}$"]})
+
+
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained`, with a truncated or damaged weight file named in one line."""
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return _model_class(path).from_pretrained(path, dtype=dtype)
     except SafetensorError as err:
         damaged = damaged_weight_file(path) if Path(path).is_dir() else None
         raise OSError(f"{damaged or path} cannot be read ({err}); the file is truncated or damaged: save, export or "
@@ -111,7 +122,26 @@ def with_saved_structure(model: nn.Module, quantized: bool = True) -> nn.Module:
     return model
 
 
+def load_learned_ranges(model: nn.Module, path: str | Path) -> nn.Module:
+    """Copy a student's learned clipping factors (`learn_ranges`) from the weight files of `path` into `model`: the
+    float model that `from_pretrained` builds has no place for them, so it leaves them out."""
+    wanted = {name: parameter for name, parameter in model.named_parameters() if name.endswith(LEARNED_CLIP)}
+    found = {}
+    for file in sorted(Path(path).glob("*.safetensors")) if wanted else ():
+        with safe_open(str(file), framework="pt") as handle:
+            found.update({key: handle.get_tensor(key) for key in handle.keys() if key in wanted})
+    missing = sorted(wanted.keys() - found.keys())
+    if missing:
+        raise ValueError(f"{path} says its weight ranges are learned (learn_ranges) but holds no {missing[0]}; save "
+                         "the student again, or load it with quantized=False and quantize it anew")
+    with torch.no_grad():
+        for name, value in found.items():
+            wanted[name].copy_(value)
+    return model
+
+
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32, quantized: bool = True) -> nn.Module:
     """A saved model; a student (its config holds `llm_qat`) comes back quantized unless `quantized=False` (its
-    float latent weights, e.g. as a teacher; see `with_saved_structure`)."""
-    return with_saved_structure(from_pretrained(path, dtype), quantized)
+    float latent weights, e.g. as a teacher; see `with_saved_structure`), with its learned ranges if it has them."""
+    model = with_saved_structure(from_pretrained(path, dtype), quantized)
+    return load_learned_ranges(model, path) if quantized else model

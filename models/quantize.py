@@ -57,8 +57,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .float_quantizers import check_float_spec, fake_quantize_float, stored_scales
-from .quantizers import (FULL_PRECISION, GRIDS, check_bits, fake_quantize, grouped, in_scale_dtype, integer_linear,
-                         symmetric_codes, upcast)
+from .quantizers import (FULL_PRECISION, GRIDS, check_bits, fake_quantize, fake_quantize_learned, grouped,
+                         in_scale_dtype, integer_linear, learned_codes, symmetric_codes, upcast)
 from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
 from .schemes import KV_SCHEMES, SCHEMES, QuantSpec
 
@@ -68,6 +68,8 @@ CONFIG_KEY = "llm_qat"
 EXPORT_KEY = "llm_qat_export"  # in an export's config: its format; its weights are stored on their grid
 NEVER_CLIP_FLAG = 0  # how a command line spells ste_clip=None
 ARITHMETICS = ("float", "vllm")
+LEARNED_RANGES = ("none", "weights")
+LEARNED_CLIP = "learned_clip"  # the parameter name of a weight quantizer's learned clipping factors
 RECIPES = {"paper": dict(grid="paper", ste_clip=2.0, arithmetic="float"),
            "deploy": dict(grid="full", ste_clip=None, arithmetic="float"),
            "vllm": dict(grid="paper", ste_clip=2.0, arithmetic="vllm")}
@@ -123,6 +125,10 @@ class QATConfig:
     kv_scheme: str | None = field(default=None, metadata={
         "help": "floating-point KV cache (instead of --kv_bits): FP8 (E4M3, one scale per token), FP8_TENSOR (one "
                 "per tensor)", "choices": tuple(KV_SCHEMES)})
+    learn_ranges: str = field(default="none", metadata={
+        "help": "none: MinMax weight scales at every step (the paper); weights: each weight row (channel, or group) "
+                "times a clipping factor that starts at 1 (MinMax) and trains with LSQ's step-size gradient at "
+                "--range_learning_rate", "choices": LEARNED_RANGES})
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -150,12 +156,22 @@ class QATConfig:
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate={self.rotate!r} is not one of {', '.join(ROTATIONS)}")
         self._check_schemes()
+        self._check_learned_ranges()
         if self.rotate != "none" and self.kv_quantized and self.kv_placement == "pre_rope":
             raise ValueError(f"rotate={self.rotate} rotates keys after rotary embedding, where they are quantized "
                              "with kv_placement=post_rope: pass --kv_placement post_rope")
         if self.ste_clip is not None and not self.ste_clip > 0:
             raise ValueError(f"ste_clip={self.ste_clip!r} must be a positive number, or None to never clip "
                              f"(--ste_clip {NEVER_CLIP_FLAG} on a command line)")
+
+    def _check_learned_ranges(self):
+        if self.learn_ranges not in LEARNED_RANGES:
+            raise ValueError(f"learn_ranges={self.learn_ranges!r} is not one of {', '.join(LEARNED_RANGES)}")
+        if self.learn_ranges == "none":
+            return
+        if self.scheme or self.w_bits == FULL_PRECISION:
+            raise ValueError(f"learn_ranges={self.learn_ranges} learns the clipping of integer weights; pass --w_bits "
+                             "2..8 without --scheme, or drop --learn_ranges")
 
     def _check_schemes(self):
         if self.scheme is not None and self.scheme not in SCHEMES:
@@ -219,7 +235,7 @@ class QATConfig:
         """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
         weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`); then the recipe unless it is
         the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`); none of
-        these when nothing is quantized (`16-16-16`); last the rotation (`4-4-4k+hadamard`, `+hadamard.seed1`).
+        these when nothing is quantized (`16-16-16`); learned ranges (`+learned-weights`); last the rotation (`4-4-4k+hadamard`, `+hadamard.seed1`).
         A scheme replaces W-A (`NVFP4-kv4`), and a KV scheme the KV bits, in lower case without underscores
         (`4-8-fp8`, `FP8_DYNAMIC-kvfp8tensor`)."""
         weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \
@@ -231,6 +247,8 @@ class QATConfig:
                    if getattr(self, name) != value]
         if not (self.linears_quantized or self.kv_quantized):  # nothing quantized: no recipe to tell
             recipe = []
+        if self.learn_ranges != "none":
+            recipe.append(f"learned-{self.learn_ranges}")
         if self.rotate != "none":
             recipe.append(self.rotate + (f".seed{self.rotate_seed}" if self.rotate_seed else ""))
         bits = f"{self.scheme}-kv{kv}" if self.scheme else f"{weights}-{self.a_bits}-{kv}"
@@ -239,28 +257,40 @@ class QATConfig:
 
 class IntQuantizer(nn.Module):
     """An integer fake quantizer (`models.quantizers.fake_quantize`) per row of the last dimension, or per group of
-    `group_size` values of it; 16 bits is the identity. A module, so that hooks can count its calls."""
+    `group_size` values of it; 16 bits is the identity. With `learned_rows` (the shape of a weight's rows: [out] or
+    [out, in / G]) each row's MinMax scale is times a learned clipping factor, the parameter `learned_clip`, which
+    starts at 1 (`models.quantizers.fake_quantize_learned`). A module, so that hooks can count its calls."""
 
     def __init__(self, bits: int, symmetric: bool = True, ste_clip: float | None = 2.0, group_size: int | None = None,
-                 grid: str = "paper", scale_dtype: torch.dtype | None = None):
+                 grid: str = "paper", scale_dtype: torch.dtype | None = None,
+                 learned_rows: tuple[int, ...] | None = None, device: torch.device | None = None):
         super().__init__()
         self.bits, self.symmetric, self.ste_clip = bits, symmetric, ste_clip
         self.group_size, self.grid, self.scale_dtype = group_size, grid, scale_dtype
+        clip = nn.Parameter(torch.ones(*learned_rows, 1, device=device)) if learned_rows else None
+        self.register_parameter(LEARNED_CLIP, clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.learned_clip is not None:
+            return fake_quantize_learned(x, self.learned_clip, self.bits, self.ste_clip, self.group_size, self.grid,
+                                         self.scale_dtype)
         return fake_quantize(x, self.bits, self.symmetric, self.ste_clip, self.group_size, self.grid, self.scale_dtype)
 
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The symmetric integer codes of `x` (float, x's shape) and their scales ([..., 1] per row, [..., n / G] per
         group), with codes * scales == this quantizer's output."""
-        codes, scales = symmetric_codes(grouped(x, self.group_size), self.bits, self.grid, self.scale_dtype)
+        rows = grouped(x, self.group_size)
+        codes, scales = (learned_codes(rows, self.learned_clip.detach(), self.bits, self.grid, self.scale_dtype)
+                         if self.learned_clip is not None else
+                         symmetric_codes(rows, self.bits, self.grid, self.scale_dtype))
         return (codes.reshape(x.shape), scales.squeeze(-1)) if self.group_size else (codes, scales)
 
     def extra_repr(self):
         group = f", group_size={self.group_size}" if self.group_size else ""
         symmetric = "" if self.symmetric else ", asymmetric"
         scale_dtype = f", scale_dtype={self.scale_dtype}" if self.scale_dtype else ""
-        return f"bits={self.bits}{group}{symmetric}, grid={self.grid}{scale_dtype}"
+        learned = ", learned clipping" if self.learned_clip is not None else ""
+        return f"bits={self.bits}{group}{symmetric}, grid={self.grid}{scale_dtype}{learned}"
 
 
 class FloatQuantizer(nn.Module):
@@ -305,9 +335,15 @@ def _quantizer(spec: QuantSpec | None, bits: int, config: QATConfig, **integer) 
     return IntQuantizer(bits, ste_clip=config.ste_clip, grid=config.grid, **integer)
 
 
-def weight_quantizer(config: QATConfig) -> IntQuantizer | FloatQuantizer:
+def weight_quantizer(config: QATConfig, weight: torch.Tensor | None = None) -> IntQuantizer | FloatQuantizer:
+    """The weight quantizer of `config`; with learned ranges, its clipping factors for the rows of `weight`."""
+    learned = {}
+    if config.learn_ranges == "weights" and weight is not None:
+        out, columns = weight.shape
+        rows = (out, columns // config.w_group_size) if config.w_group_size else (out,)
+        learned = dict(learned_rows=rows, device=weight.device)
     return _quantizer(config.weight_spec, config.w_bits, config, group_size=config.w_group_size,
-                      scale_dtype=config.weight_scale_dtype)
+                      scale_dtype=config.weight_scale_dtype, **learned)
 
 
 def input_quantizer(config: QATConfig) -> IntQuantizer | FloatQuantizer:
@@ -357,7 +393,9 @@ class QuantLinear(nn.Linear):
         nn.Module.__init__(self)  # reuse `linear`'s parameters as they are: no copy, no re-initialisation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.weight_quantizer, self.input_quantizer = weight_quantizer(config), input_quantizer(config)
+        # an export's weight is on its grid already: its scales are stored, nothing is learned
+        self.weight_quantizer = weight_quantizer(config, None if weight_on_grid else linear.weight)
+        self.input_quantizer = input_quantizer(config)
         self.grid, self.integer_product = config.grid, config.integer_product
         self.input_rotation, self.output_quantizer = input_rotation, output_quantizer
         self.weight_on_grid = weight_on_grid  # an export's weight: codes * scales as stored, never re-derived

@@ -28,6 +28,12 @@ transformers run, computed as its `calculate_qparams` and `fake_quantize` do (co
     X_q = (round(clamp(X / s + z, -2^(b-1), 2^(b-1) - 1)) - z) * s
 with a true division X / s, so the result equals compressed-tensors' bit for bit in float32 and float64.
 
+Learned ranges (`fake_quantize_learned`, train.py --learn_ranges weights; beyond the paper): the symmetric MinMax
+scale of each row times a learned clipping factor c (OmniQuant's learnable weight clipping, Shao et al. 2024), so the
+scale still follows the weight as it trains and c = 1 is exactly the MinMax quantizer above. The step size gets LSQ's
+gradient (Esser et al. 2020): d x_q / d s = round(x / s) - x / s where x is inside the grid, its clipped code where
+it is not; x gets the straight-through gradient inside the grid and none where it clips; MinMax itself passes none.
+
 Backward is the straight-through estimator: the gradient passes unchanged, except that (as in the
 released LLM-QAT code) it is zeroed where |X| >= ste_clip. `ste_clip=None` passes it everywhere.
 On the full grid it is also zeroed where the grid clips, i.e. where round(X / s + z) falls outside the codes
@@ -147,6 +153,80 @@ def _integer(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None
         return x_q.reshape(x.shape), inside.reshape(x.shape)
     x_q = _symmetric(rows, bits, scale_dtype) if symmetric else _asymmetric(rows, bits)
     return x_q.reshape(x.shape), None
+
+
+MIN_CLIP = 0.01  # a learned clipping factor is used no smaller than this: a step size stays positive
+
+
+def _minmax_scale(rows: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """The symmetric MinMax scale per row, computed as `symmetric_codes` computes it on each grid."""
+    if grid == "full":
+        low, high = full_range(bits)
+        return rows.abs().amax(dim=-1, keepdim=True) / (torch.tensor(high - low, dtype=rows.dtype) / 2)
+    return rows.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
+
+
+def _learned_grid(rows: torch.Tensor, scale: torch.Tensor, bits: int, grid: str):
+    """x / s, its rounding, and the code bounds, as the MinMax quantizer of `grid` computes them."""
+    if grid == "full":
+        low, high = full_range(bits)
+        ratio = rows / scale
+    else:
+        low, high = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        ratio = rows * scale.reciprocal()
+    return ratio, torch.round(ratio), low, high
+
+
+class _LearnedStep(torch.autograd.Function):
+    """s * clamp(round(x / s)) per row, with LSQ's gradients to x and s (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, rows, scale, bits, grid, ste_clip, scale_dtype):
+        _, rounded, low, high = _learned_grid(rows, scale, bits, grid)
+        ctx.save_for_backward(rows, scale)
+        ctx.bits, ctx.grid, ctx.ste_clip = bits, grid, ste_clip
+        x_q = dequantize(rounded.clamp(low, high), scale, scale_dtype)  # its rounding to scale_dtype: straight through
+        return torch.where(scale > 0, x_q, torch.zeros_like(rows))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        rows, scale = ctx.saved_tensors
+        ratio, rounded, low, high = _learned_grid(rows, scale, ctx.bits, ctx.grid)
+        inside = (rounded >= low) & (rounded <= high) | (scale == 0)  # a row of range 0 clips nothing, as in MinMax
+        passes = inside if ctx.ste_clip is None else inside & (rows.abs() < ctx.ste_clip)
+        step = torch.where(inside, rounded - ratio, rounded.clamp(low, high))
+        grad_scale = torch.where(scale > 0, (grad_output * step).sum(-1, keepdim=True), 0)
+        return grad_output * passes, grad_scale, None, None, None, None
+
+
+def learned_scale(rows: torch.Tensor, clip: torch.Tensor, bits: int, grid: str,
+                  scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The step size of each row: its MinMax scale (a statistic, no gradient) times the learned clipping factor,
+    rounded to `scale_dtype` where the engine holds it so (its gradient passes the rounding)."""
+    scale = clip.clamp(min=MIN_CLIP).to(rows.dtype) * _minmax_scale(rows.detach(), bits, grid)
+    return in_scale_dtype(scale, scale_dtype)
+
+
+def fake_quantize_learned(x: torch.Tensor, clip: torch.Tensor, bits: int, ste_clip: float | None = 2.0,
+                          group_size: int | None = None, grid: str = "paper",
+                          scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Symmetric fake quantization of `x` per row (per group of `group_size`) with a learned clipping factor per row,
+    `clip` ([..., 1], one per row of `grouped(x)`); float32 math, the result in x's dtype. `scale_dtype` as in
+    `fake_quantize`."""
+    rows = grouped(upcast(x), group_size)
+    scale = learned_scale(rows, clip, bits, grid, scale_dtype)
+    x_q = _LearnedStep.apply(rows, scale, bits, grid, ste_clip, scale_dtype)
+    return x_q.reshape(x.shape).to(x.dtype)
+
+
+def learned_codes(x: torch.Tensor, clip: torch.Tensor, bits: int, grid: str,
+                  scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes and scales per row of `x` (already grouped) under learned clipping: `dequantize(codes, scales,
+    scale_dtype)` is `fake_quantize_learned`'s output."""
+    rows = upcast(x)
+    scale = learned_scale(rows, clip, bits, grid, scale_dtype)
+    _, rounded, low, high = _learned_grid(rows, scale, bits, grid)
+    return torch.where(scale > 0, rounded.clamp(low, high), torch.zeros_like(rows)), scale
 
 
 class _StraightThrough(torch.autograd.Function):

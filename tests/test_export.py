@@ -33,6 +33,9 @@ def save_student(directory: Path, w_bits: int, a_bits: int = 8, kv_bits: int = 4
         for layer in quantized_modules(model).values():
             if layer.bias is not None:  # initialised to zero: make a lost bias visible
                 layer.bias.normal_()
+            clip = getattr(layer.weight_quantizer, "learned_clip", None)
+            if clip is not None:  # initialised to 1, MinMax: make lost learned ranges visible
+                clip.uniform_(0.6, 1.0)
     save_quantized(model, directory)
     return directory
 
@@ -116,7 +119,7 @@ def test_packed_config_records_activation_and_kv_schemes(tmp_path):
     assert config["llm_qat"] == {"w_bits": 4, "a_bits": 6, "kv_bits": 4, "act_symmetric": True, "ste_clip": 2.0,
                                  "w_group_size": None, "kv_placement": "pre_rope", "recipe": "paper", "grid": "paper",
                                  "arithmetic": "float", "rotate": "none", "rotate_seed": 0, "scheme": None,
-                                 "kv_scheme": None}
+                                 "kv_scheme": None, "learn_ranges": "none"}
     assert "auto_map" not in config
 
 
@@ -164,12 +167,46 @@ def test_every_export_reloads_to_the_students_logits_exactly(tmp_path, recipe, p
         assert torch.equal(loaded(x).logits, student(x).logits)
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+@pytest.mark.parametrize("export_format", ["packed", "folded"])
+@pytest.mark.parametrize("recipe", ["paper", "deploy"])
+def test_learned_ranges_are_what_every_export_holds(tmp_path, recipe, export_format):
+    """The learned clipping factors are in the exported codes and scales: the export reloads to the student's logits
+    exactly, and plain transformers reads its weights as the student quantizes them."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    checkpoint = save_student(tmp_path / "qat", 4, options=dict(recipe=recipe, learn_ranges="weights",
+                                                               w_group_size=16))
+    student = load_model(checkpoint)
+    exported = export(checkpoint, tmp_path / export_format, export_format)
+    loaded = load_model(exported)
+    assert not any(name.endswith("learned_clip") for name, _ in loaded.named_parameters())  # nothing left to learn
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, student(x).logits)
+    plain = (AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+             if export_format == "packed" else load_model(exported, quantized=False))
+    for name, layer in quantized_modules(student).items():
+        assert torch.equal(plain.get_submodule(name).weight, layer.quantized_weight()), name
+    minmax = quantize_model(load_model(checkpoint, quantized=False), QATConfig(**{
+        **student.config.llm_qat, "learn_ranges": "none"}))
+    assert not torch.equal(minmax.model.layers[0].mlp.up_proj.quantized_weight(),
+                           student.model.layers[0].mlp.up_proj.quantized_weight())
+
+
 @pytest.mark.parametrize("export_format", ["packed", "folded"])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 16)])
-def test_vllm_recipe_exports_reload_to_the_students_logits_exactly(tmp_path, bits, export_format):
+@pytest.mark.parametrize("learn_ranges", ["none", "weights"])
+def test_vllm_recipe_exports_reload_to_the_students_logits_exactly(tmp_path, bits, export_format, learn_ranges):
     """The vLLM arithmetic (integer products from the stored scales; bfloat16 int4 scales and weights) survives an
-    export: equal to the bit, float32."""
-    checkpoint = save_student(tmp_path / "qat", bits[0], bits[1], 16, options=dict(recipe="vllm"))
+    export, learned ranges included: equal to the bit, float32."""
+    checkpoint = save_student(tmp_path / "qat", bits[0], bits[1], 16,
+                              options=dict(recipe="vllm", learn_ranges=learn_ranges))
+    if learn_ranges != "none" and bits == (8, 8) and export_format == "folded":
+        with pytest.raises(ValueError, match=r"a folded export keeps no scales .*; use --format packed"):
+            export(checkpoint, tmp_path / export_format, export_format)
+        return
     student = load_model(checkpoint)
     loaded = load_model(export(checkpoint, tmp_path / export_format, export_format))
     x = batch()

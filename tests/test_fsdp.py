@@ -163,3 +163,18 @@ def test_a_rotated_checkpoint_teaches_the_same_function_on_every_rank(tiny_teach
     first, second = (torch.tensor(report["teacher_probe_logits"]) for report in rank_reports(tmp_path / "out"))
     assert torch.equal(first, second)
     assert relative_error(first, expected) < 1e-2  # bf16 rounding
+
+
+@pytest.mark.slow
+def test_learned_ranges_shard_with_their_layer_and_reload(tiny_teacher_dir, tmp_path):
+    """--learn_ranges weights under FSDP2 with bf16 parameters: the clipping factors train in their own group and the
+    saved student reloads with them, here and through remote code."""
+    output = tmp_path / "out"
+    run_sharded(tiny_teacher_dir, output, "--max_steps", "2", "--learn_ranges", "weights",
+                "--range_learning_rate", "0.05", "--save_steps", "1")
+    student = load_model(output)
+    remote = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()
+    clips = {name: parameter for name, parameter in student.named_parameters() if name.endswith("learned_clip")}
+    assert len(clips) == 2 * 7 and all((clip != 1).any() for clip in clips.values())
+    ids = torch.randint(0, 1000, (1, 10))
+    assert torch.equal(student(ids).logits, remote(ids).logits)

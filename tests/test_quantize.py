@@ -48,7 +48,8 @@ def test_every_decoder_projection_becomes_quantlinear_and_nothing_else(tiny_llam
     assert list(model.state_dict()) == state_dict_keys
     assert model.config.llm_qat == dict(w_bits=4, a_bits=8, kv_bits=4, act_symmetric=True, ste_clip=2.0,
                                         w_group_size=None, kv_placement="pre_rope", recipe="paper", grid="paper",
-                                        arithmetic="float", rotate="none", rotate_seed=0, scheme=None, kv_scheme=None)
+                                        arithmetic="float", rotate="none", rotate_seed=0, scheme=None, kv_scheme=None,
+                                        learn_ranges="none")
 
 
 def test_quantized_weight_equals_pytorch_per_channel_reference(tiny_llama):
@@ -637,3 +638,70 @@ def test_float_schemes_travel_with_the_checkpoint_and_remote_code(tiny_llama, ti
         assert QATConfig(**loaded.config.llm_qat) == config
         assert type(loaded.model.layers[1].mlp.down_proj.weight_quantizer).__name__ == "FloatQuantizer"
         assert torch.equal(logits(loaded, tiny_input_ids), expected)
+
+
+# ---- learned ranges (--learn_ranges weights) ----
+
+def with_learned_clips(model, seed=0):
+    """Clipping factors in [0.6, 1): what training leaves, so that a lost one shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in quantized_modules(model).values():
+            clip = layer.weight_quantizer.learned_clip
+            clip.copy_(0.6 + 0.4 * torch.rand(clip.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_learned_ranges_start_at_minmax_and_clip_every_weight_row(make_tiny_model, tiny_config, tiny_input_ids,
+                                                                  group_size):
+    minmax = quantize_model(make_tiny_model(tiny_config), QATConfig(4, 8, 4, w_group_size=group_size))
+    learned = quantize_model(make_tiny_model(tiny_config), QATConfig(4, 8, 4, w_group_size=group_size,
+                                                                     learn_ranges="weights"))
+    assert torch.equal(logits(learned, tiny_input_ids), logits(minmax, tiny_input_ids))  # clip 1: the paper's start
+    for layer in quantized_modules(learned).values():
+        clip = layer.weight_quantizer.learned_clip
+        rows = (layer.out_features, layer.in_features // group_size) if group_size else (layer.out_features,)
+        assert clip.shape == (*rows, 1) and clip.requires_grad and (clip == 1).all()
+    names = [name for name, _ in learned.named_parameters() if name.endswith(models_quantize.LEARNED_CLIP)]
+    assert len(names) == len(quantized_modules(learned))
+    assert not torch.equal(logits(with_learned_clips(learned), tiny_input_ids), logits(minmax, tiny_input_ids))
+    learned(tiny_input_ids).logits.sum().backward()  # the clips are trained by the loss
+    assert all(layer.weight_quantizer.learned_clip.grad.abs().sum() > 0 for layer in quantized_modules(learned).values())
+
+
+def test_learned_ranges_travel_with_the_checkpoint_and_remote_code(tiny_llama, tiny_input_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from models.checkpoint import save_quantized
+    from utils.training.loading import load_model
+    config = QATConfig(4, 8, 4, learn_ranges="weights", recipe="deploy")
+    student = with_learned_clips(quantize_model(tiny_llama, config))
+    expected = logits(student, tiny_input_ids)
+    save_quantized(student, tmp_path / "ckpt")
+    for loaded in (load_model(tmp_path / "ckpt"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()):
+        assert QATConfig(**loaded.config.llm_qat) == config
+        assert torch.equal(logits(loaded, tiny_input_ids), expected)
+    assert load_model(tmp_path / "ckpt", quantized=False)  # the float latent weights load as a teacher, clips aside
+
+
+def test_learned_ranges_refuse_what_they_cannot_learn_in_one_line():
+    for options, message in ((dict(scheme="NVFP4"), "learns the clipping of integer weights; pass --w_bits 2..8"),
+                             (dict(w_bits=16, a_bits=8), "learns the clipping of integer weights"),
+                             (dict(w_bits=4, learn_ranges="activations"), "learn_ranges='activations' is not one of")):
+        with pytest.raises(ValueError, match=message):
+            QATConfig(**{"learn_ranges": "weights", **options})
+    assert QATConfig(4, 8, 4, learn_ranges="weights").label() == "4-8-4+learned-weights"
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 16)])
+def test_learned_ranges_with_the_vllm_recipe_start_as_its_student(make_tiny_model, tiny_config, tiny_input_ids, bits):
+    """vLLM's arithmetic (integer products; bfloat16 int4 scales and weights) runs the learned scales too: at clip 1
+    the student is the vllm recipe's, and its codes times its scales are its weights."""
+    minmax = quantize_model(make_tiny_model(tiny_config), QATConfig(*bits, 16, recipe="vllm"))
+    learned = quantize_model(make_tiny_model(tiny_config), QATConfig(*bits, 16, recipe="vllm", learn_ranges="weights"))
+    assert torch.equal(logits(learned, tiny_input_ids), logits(minmax, tiny_input_ids))
+    for layer in quantized_modules(with_learned_clips(learned)).values():
+        codes, scales = layer.weight_codes()
+        weight = models_quantize.in_scale_dtype(codes * scales, layer.weight_quantizer.scale_dtype)
+        assert torch.equal(weight, layer.quantized_weight())

@@ -6,7 +6,8 @@ import torch
 
 import models.quantize
 from models import quantize_model
-from models.quantizers import check_bits, fake_quantize, integer_linear, integer_matmul, symmetric_codes
+from models.quantizers import (check_bits, fake_quantize, fake_quantize_learned, integer_linear, integer_matmul,
+                               learned_codes, symmetric_codes)
 
 QUANTIZED_BITS = range(2, 9)
 
@@ -310,3 +311,93 @@ def test_integer_linear_gradient_is_that_of_the_float_product():
     (torch.nn.functional.linear(*expected) * upstream).sum().backward()
     for got, want in zip(leaves, expected):
         assert torch.allclose(got.grad, want.grad, rtol=1e-12, atol=0)
+
+
+# ---- learned ranges: a clipping factor per row, LSQ's step-size gradient ----
+
+@pytest.mark.parametrize("grid", ["paper", "full"])
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_learned_clipping_starts_as_the_minmax_quantizer(grid, group_size, dtype):
+    """Clipping factors of 1 give the MinMax quantizer bit for bit, and the weight the same straight-through
+    gradient: turning the lever on does not move the start."""
+    weight = random_weight().to(dtype).requires_grad_()
+    clip = torch.ones(48, *((96 // group_size,) if group_size else ()), 1)
+    learned = fake_quantize_learned(weight, clip, 4, 2.0, group_size, grid)
+    minmax = fake_quantize(weight, 4, True, 2.0, group_size, grid)
+    assert learned.dtype == dtype and torch.equal(learned, minmax)
+    grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert torch.equal(torch.autograd.grad(learned, weight, grad)[0], torch.autograd.grad(minmax, weight, grad)[0])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_learned_clipping_equals_pytorchs_learnable_fake_quantizer(bits, group_size):
+    """PyTorch's LSQ fake quantizer (`_fake_quantize_learnable_per_channel_affine`) with the step sizes clip * MinMax:
+    the same values bit for bit, and the same gradients to the weight and, through s = clip * MinMax, to the clip."""
+    weight = random_weight().requires_grad_()
+    rows = weight.detach().unflatten(-1, (-1, group_size)) if group_size else weight.detach()
+    clip = (0.5 + 0.5 * torch.rand(*rows.shape[:-1], 1, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    ours = fake_quantize_learned(weight, clip, bits, None, group_size)
+    grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+    grad_weight, grad_clip = torch.autograd.grad(ours, (weight, clip), grad)
+
+    minmax = rows.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+    scale = (clip.detach() * minmax).flatten().requires_grad_()
+    reference_input = rows.flatten(0, -2).clone().requires_grad_()
+    qmax = 2 ** (bits - 1) - 1
+    reference = torch._fake_quantize_learnable_per_channel_affine(reference_input, scale, torch.zeros_like(scale), 0,
+                                                                 -qmax, qmax, 1.0)
+    reference_grad_input, reference_grad_scale = torch.autograd.grad(reference, (reference_input, scale),
+                                                                     grad.reshape(reference.shape))
+    nonzero = torch.arange(48) != 5  # PyTorch's 0 * (1 / 0) in the all-zero row stops its gradient; ours passes
+    assert torch.equal(ours, reference.reshape(weight.shape))
+    assert torch.equal(grad_weight[nonzero], reference_grad_input.reshape(weight.shape)[nonzero])
+    assert torch.equal(grad_weight[5], grad[5])
+    torch.testing.assert_close(grad_clip.flatten(), reference_grad_scale * minmax.flatten(), rtol=1e-5, atol=1e-6)
+    assert (ours != fake_quantize(weight, bits, True, None, group_size)).any()  # the clip < 1 clips
+
+
+def test_learned_clipping_on_the_full_grid_has_lsq_gradients():
+    """The full grid (recipe deploy) against LSQ written with autograd in float64: s = clip * max|x| / 7.5, codes
+    clamp(round(x / s), -8, 7) with a straight-through round."""
+    class RoundStraightThrough(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, v: torch.round(v))
+        backward = staticmethod(lambda ctx, grad: grad)
+
+    weight = random_weight().double().requires_grad_()
+    clip = (0.5 + 0.5 * torch.rand(48, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    clip.requires_grad_()
+    ours = fake_quantize_learned(weight, clip, 4, None, grid="full")
+    scale = clip * weight.detach().abs().amax(-1, keepdim=True) / 7.5
+    reference = torch.where(scale > 0, RoundStraightThrough.apply(weight / scale).clamp(-8, 7) * scale, 0)
+    grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-15)
+    ours_grads = torch.autograd.grad(ours, (weight, clip), grad)
+    nonzero = torch.arange(48) != 5  # the reference's 0 / 0 in the all-zero row has no gradient
+    for got, expected in zip(ours_grads, torch.autograd.grad(reference, (weight, clip), grad)):
+        torch.testing.assert_close(got[nonzero], expected[nonzero], rtol=1e-12, atol=1e-12)
+    assert (ours[5] == 0).all() and torch.equal(ours_grads[0][5], grad[5]) and ours_grads[1][5] == 0
+
+
+@pytest.mark.parametrize("grid", ["paper", "full"])
+def test_learned_clipping_holds_scales_in_bfloat16_as_the_minmax_quantizer_does(grid):
+    weight = random_weight().requires_grad_()
+    learned = fake_quantize_learned(weight, torch.ones(48, 1), 4, 2.0, grid=grid, scale_dtype=torch.bfloat16)
+    assert torch.equal(learned, fake_quantize(weight, 4, True, 2.0, grid=grid, scale_dtype=torch.bfloat16))
+    clip = torch.full((48, 1), 0.8, requires_grad=True)
+    codes, scales = learned_codes(weight.detach(), clip.detach(), 4, grid, torch.bfloat16)
+    assert torch.equal(scales, scales.bfloat16().float())
+    clipped = fake_quantize_learned(weight, clip, 4, 2.0, grid=grid, scale_dtype=torch.bfloat16)
+    assert torch.equal(clipped, (codes * scales).bfloat16().float())
+    clipped.sum().backward()
+    assert clip.grad.abs().sum() > 0  # the rounding of the scale passes its gradient
+
+
+def test_learned_codes_times_scales_are_the_learned_fake_quantization():
+    weight = random_weight()
+    clip = 0.5 + 0.5 * torch.rand(48, 6, 1, generator=torch.Generator().manual_seed(2))
+    for grid in ("paper", "full"):
+        codes, scales = learned_codes(weight.unflatten(-1, (-1, 16)), clip, 4, grid)
+        assert torch.equal(codes, codes.round()) and codes.abs().max() <= 8
+        assert torch.equal((codes * scales).flatten(-2), fake_quantize_learned(weight, clip, 4, None, 16, grid))

@@ -82,7 +82,12 @@ def served_export(directory, settings, sequences, dtype):
     dtype (and the float model as the teacher)."""
     model, tokenizer = vllm_sized_llama()
     model.save_pretrained(directory / "float")
-    save_quantized(quantize_model(model, settings), directory / "qat", tokenizer)
+    student = quantize_model(model, settings)
+    with torch.no_grad():  # learned ranges as training leaves them (they start at 1: the MinMax scales)
+        for name, clip in student.named_parameters():
+            if name.endswith("learned_clip"):
+                clip.uniform_(0.6, 1.0, generator=torch.Generator().manual_seed(0))
+    save_quantized(student, directory / "qat", tokenizer)
     export = export_packed(directory / "qat", directory / "export")
     return serve_check(export, load_model(export).to(getattr(torch, dtype)), load_model(directory / "float"), sequences,
                        dtype)
@@ -117,6 +122,9 @@ def test_vllm_serves_the_float_model_as_transformers_runs_it(tmp_path, dtype):
     (QATConfig(4, 16, 16, recipe="vllm"), "bfloat16", 1.0),
     (QATConfig(4, 16, 16, recipe="vllm", grid="full", w_group_size=32), "bfloat16", 0.9999),
     (QATConfig(4, 16, 16, recipe="deploy", w_group_size=32), "bfloat16", None),  # float32 scales: other weights
+    # learned weight ranges: the clipped codes and scales are what the export stores
+    (QATConfig(8, 8, 16, recipe="vllm", learn_ranges="weights"), "float32", 1.0),
+    (QATConfig(4, 16, 16, recipe="vllm", learn_ranges="weights"), "bfloat16", 1.0),
 ])
 def test_vllms_linear_layers_compute_the_vllm_recipes_student_exactly(tmp_path, settings, dtype, identical):
     """The student's layers run on the inputs vLLM's layers received give vLLM's outputs bit for bit (group-wise: but

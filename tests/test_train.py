@@ -290,6 +290,32 @@ def test_cached_teacher_trains_from_the_top_k_stored_with_the_data(tiny_teacher_
     assert first == pytest.approx(expected.item(), rel=1e-3) and second < first
 
 
+def test_learned_ranges_train_at_their_own_rate_and_reload(tiny_teacher_dir, tmp_path, monkeypatch):
+    """--learn_ranges weights: the clipping factors leave 1 (MinMax) in a parameter group of their own, at
+    --range_learning_rate without weight decay, and the saved student reloads with them."""
+    groups = []
+    create = train.KDTrainer.create_optimizer
+
+    def recording(self, model=None):
+        optimizer = create(self, model)
+        groups.extend(dict(group) for group in optimizer.param_groups)  # as made: the scheduler moves lr later
+        return optimizer
+
+    monkeypatch.setattr(train.KDTrainer, "create_optimizer", recording)
+    output = tmp_path / "out"
+    train.main(train_args(tiny_teacher_dir, output, "--max_steps", "2", "--per_device_train_batch_size", "2",
+                          "--learn_ranges", "weights", "--range_learning_rate", "0.05", "--weight_decay", "0.1"))
+    student = load_model(output)
+    layers = [module for module in student.modules() if isinstance(module, QuantLinear)]
+    clips = [layer.weight_quantizer.learned_clip for layer in layers]
+    learned = next(group for group in groups if group.get("learned_clip"))
+    assert len(learned["params"]) == len(layers) and learned["weight_decay"] == 0.0
+    assert learned["lr"] == 0.05 and {group["lr"] for group in groups if group is not learned} == {1e-3}
+    assert all(clip.shape == (layer.out_features, 1) for clip, layer in zip(clips, layers))
+    assert all((clip != 1).any() for clip in clips)  # every layer's clipping moved
+    assert train.QATConfig(**student.config.llm_qat).learn_ranges == "weights"
+
+
 def test_cached_teacher_without_a_store_stops_before_loading_a_model(tiny_teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_float_model", lambda *args: pytest.fail("a model was loaded"))
     with pytest.raises(FileNotFoundError, match=r"^\S*data\.jsonl has no teacher top-K store \(\S*data\.jsonl\.topk\); "
@@ -370,6 +396,8 @@ def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_checkpoint_to_resume(ti
     (("--teacher", "cached", "--packing"), r"--packing cannot be used with the cached teacher \(--teacher cached\)"),
     (("--teacher", "logits"), "--teacher 'logits' is not supported; use model or cached"),
     (("--topk", "8"), "--topk 8 selects among the cached teacher's tokens; add --teacher cached, or drop --topk"),
+    (("--range_learning_rate", "0.01"), "--range_learning_rate 0.01 trains learned ranges; add --learn_ranges "
+                                        "weights, or drop --range_learning_rate"),
     (("--tail_samples", "4"), "--tail_samples 4 selects among the cached teacher's tokens; add --teacher cached, or "
                               "drop --tail_samples"),
 ])

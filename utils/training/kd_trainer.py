@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import CONFIG_NAME
 
 from models.checkpoint import write_remote_code
+from models.quantize import LEARNED_CLIP
 from utils.data.dataset import TEACHER_TAIL_KEYS, TEACHER_TOPK_KEYS
 
 REDUCTIONS = ("batchmean", "token_mean")
@@ -181,10 +182,12 @@ class KDTrainer(Trainer):
     With `loss="ce"` there is no teacher: the student learns the data's next tokens (the paper's "label" ablation).
     With `teacher="cached"` no teacher model runs: every batch brings the teacher's top-K log-probabilities cached
     with the data (`TokenSequenceDataset(teacher_topk=True)`, keys TEACHER_TOPK_KEYS, and TEACHER_TAIL_KEYS when it
-    has tail samples), and the loss is `cached_kd_loss`."""
+    has tail samples), and the loss is `cached_kd_loss`.
+    A student with learned ranges (`learn_ranges`) trains its clipping factors at `range_learning_rate` (default: the
+    learning rate)."""
 
     def __init__(self, *args, teacher: torch.nn.Module | str | None, kd_reduction: str = "batchmean",
-                 loss: str = "kd", **kwargs):
+                 loss: str = "kd", range_learning_rate: float | None = None, **kwargs):
         if isinstance(teacher, str) and teacher != CACHED_TEACHER:
             raise ValueError(f"teacher {teacher!r} is unknown; pass the teacher model, {CACHED_TEACHER!r} (its top-K "
                              "cached with the data) or None with loss 'ce'")
@@ -194,6 +197,7 @@ class KDTrainer(Trainer):
         self.teacher_is_cached = isinstance(teacher, str)  # before the Trainer's init, which may read the columns
         super().__init__(*args, **kwargs)
         self.loss = loss
+        self.range_learning_rate = self.args.learning_rate if range_learning_rate is None else range_learning_rate
         if teacher is None or self.teacher_is_cached:
             self.teacher = None
         elif _zero3_enabled():
@@ -208,6 +212,20 @@ class KDTrainer(Trainer):
         self.loss_is_scaled_for_ga = loss == "kd" and kd_reduction == "token_mean"
         self.model_accepts_loss_kwargs = self.loss_is_scaled_for_ga  # what older transformers 5.x read instead
         self.add_callback(RemoteCodeCallback())
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the learned clipping factors in a group of their own: their learning rate (the
+        weights' would barely move them in a run), and no weight decay (it would pull them toward clipping all)."""
+        optimizer = super().create_optimizer(model)
+        learned = [parameter for name, parameter in (model or self.model).named_parameters()
+                   if name.endswith(LEARNED_CLIP) and parameter.requires_grad]
+        if learned and not any(group.get(LEARNED_CLIP) for group in optimizer.param_groups):
+            moved = {id(parameter) for parameter in learned}
+            for group in optimizer.param_groups:
+                group["params"] = [parameter for parameter in group["params"] if id(parameter) not in moved]
+            optimizer.add_param_group({"params": learned, "lr": self.range_learning_rate, "weight_decay": 0.0,
+                                       LEARNED_CLIP: True})
+        return optimizer
 
     def _set_signature_columns_if_needed(self):
         """The Trainer keeps only the batch keys that are arguments of the model's forward; the cached teacher's rows

@@ -1,0 +1,55 @@
+"""The quality levers beyond the paper, each alone, on the demo's data and budget: held-out perplexity, KL to the
+teacher and the share of the RTN -> FP gap (in log-perplexity) that QAT closes, against the paper's QAT.
+
+    python bench/bench_levers.py                                    # W4A8KV4, embedded SmolLM2-135M, CPU
+    python bench/bench_levers.py --bits 4-8-4 4-16-16 --range-lrs 1e-3 1e-2 --out bench_output/levers
+
+Levers: learned weight ranges (`--learn_ranges weights`) at each `--range-lrs` learning rate of their clipping
+factors. Every setting runs `scripts/demo.sh` in its own folder on one synthesis (OUT/data): the same text, the
+same steps, the same held-out sequences; only the lever differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from bench_options import demo_results
+from models.quantize import QATConfig
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bits", nargs="+", default=["4-8-4"], help="W-A-KV of each student (default: %(default)s)")
+    parser.add_argument("--range-lrs", nargs="+", default=["1e-3"],
+                        help="learning rates of the learned clipping factors (default: %(default)s)")
+    parser.add_argument("--out", default="bench_output/levers", help="one demo folder per setting in it")
+    parser.add_argument("--data", help="the demo data to train on, e.g. another bench's (default: OUT/data, made once)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    data = {"DATA_DIR": args.data or str(out / "data")}
+    rows = []  # (bits, lever, QAT metrics, FP ppl, RTN ppl)
+    for bits in args.bits:
+        config = QATConfig(*map(int, bits.split("-")))
+        paper = demo_results(config, out / f"{bits}-paper", **data)
+        fp = json.loads((out / f"{bits}-paper" / "results" / "fp.json").read_text())["metrics"]["heldout_perplexity"]
+        settings = [("paper (MinMax)", paper["qat"])]
+        for rate in args.range_lrs:
+            learned = replace(config, learn_ranges="weights")
+            results = demo_results(learned, out / f"{bits}-learned-weights-rlr{rate}", **data, RANGE_LR=rate)
+            settings.append((f"learned weight ranges, lr {rate}", results["qat"]))
+        rows += [(bits, lever, qat, fp, paper["rtn"]["heldout_perplexity"]) for lever, qat in settings]
+
+    print("\nembedded SmolLM2-135M, demo data and budget (scripts/demo.sh)\n")
+    print("| W-A-KV | lever | held-out ppl | KL to teacher | top-1 (%) | log-ppl gap closed | FP | RTN |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
+    for bits, lever, qat, fp, rtn in rows:
+        closed = (math.log(rtn) - math.log(qat["heldout_perplexity"])) / (math.log(rtn) - math.log(fp))
+        print(f"| {bits} | {lever} | {qat['heldout_perplexity']:.2f} | {qat['kl_to_teacher']:.4f} | "
+              f"{100 * qat['top1_agreement']:.1f} | {100 * closed:.1f} % | {fp:.2f} | {rtn:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
