@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", choices=TEACHERS, default="model",
                         help="model: the bf16 teacher runs beside the student; cached: its top-K log-probs come with "
                              "the data (train.py --teacher cached)")
-    parser.add_argument("--topk", type=positive(int), default=32, help="K of the cached teacher's rows")
+    parser.add_argument("--topk", type=positive(int), default=32,
+                        help="columns of the cached teacher's rows: K, or K + S with --save-tail S")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
