@@ -376,8 +376,8 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(make_ti
     full = logits(model, tiny_input_ids)
     cache, prefill = DynamicCache(), 5
     with torch.no_grad():
-        steps = [model(tiny_input_ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        steps += [model(tiny_input_ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+        steps = [model(tiny_input_ids[:, :prefill], cache=cache, use_cache=True).logits]
+        steps += [model(tiny_input_ids[:, t:t + 1], cache=cache, use_cache=True).logits
                   for t in range(prefill, tiny_input_ids.shape[1])]
     assert torch.allclose(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
 

@@ -144,7 +144,7 @@ def generate_batch(model, start_tokens: list[int], greedy_tokens: int, config: S
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     cache = DynamicCache()
     for position in range(1, config.max_length):
-        logits = model(input_ids=next_tokens.unsqueeze(1), past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=next_tokens.unsqueeze(1), cache=cache, use_cache=True).logits[:, -1]
         if k:  # the row of position - 1: the distribution the token at `position` comes from
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             values, indices = log_probs.topk(k, dim=-1)
