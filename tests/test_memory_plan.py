@@ -129,8 +129,10 @@ def test_each_suggestion_is_the_smallest_change_that_fits(llama_shapes):
     plan = plan_memory(llama_shapes["llama-13b"], TrainingSetup(gpus=8, gpu_memory_gib=40, batch_size=8))
     assert not plan.fits
     found = {s.setting: s for s in suggestions(plan)}
-    assert set(found) == {"gpus", "offload", "seq_len", "batch_size"}
-    assert all(s.plan.fits for s in found.values())
+    assert set(found) == {"gpus", "offload", "teacher", "seq_len", "batch_size"}
+    assert all(s.plan.fits for setting, s in found.items() if setting != "teacher")
+    cached = found["teacher"]  # suggested even where not enough alone, as offload and checkpointing are
+    assert cached.plan.setup.cached_teacher and cached.plan.total < plan.total and "--teacher cached" in cached.change
     one_step_back = [replace(plan.setup, gpus=found["gpus"].value - 1),
                      replace(plan.setup, seq_len=found["seq_len"].value + 128),
                      replace(plan.setup, batch_size=found["batch_size"].value + 1)]

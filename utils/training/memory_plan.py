@@ -244,6 +244,9 @@ class Suggestion:
             "offload": f'CPU offload (train.py --fsdp "full_shard offload auto_wrap"; --offload), {host:.0f} GiB '
                        "of host memory in all",
             "gradient_checkpointing": "gradient checkpointing (--gradient_checkpointing)",
+            "teacher": f"no resident teacher: its top-{self.plan.setup.topk} log-probs cached with the data "
+                       f"(generate_data.py --save-topk {self.plan.setup.topk}, train.py --teacher cached; --teacher "
+                       "cached)",
             "seq_len": f"sequence length {self.value} (train.py --model_max_length; --seq-len)",
             "batch_size": f"micro-batch {self.value} (--per_device_train_batch_size, with "
                           "--gradient_accumulation_steps to keep the batch; --batch-size)",
@@ -252,7 +255,8 @@ class Suggestion:
 
 def suggestions(plan: MemoryPlan) -> list[Suggestion]:
     """One change at a time that brings the plan under the GPU memory: the smallest number of GPUs, the
-    longest sequence, the largest micro-batch that fit; offload and checkpointing even when not enough alone."""
+    longest sequence, the largest micro-batch that fit; offload, checkpointing and the cached teacher even when not
+    enough alone."""
     setup = plan.setup
 
     def first_fitting(setting, values):
@@ -264,6 +268,8 @@ def suggestions(plan: MemoryPlan) -> list[Suggestion]:
             + ([] if setup.gradient_checkpointing else
                [Suggestion("gradient_checkpointing",
                            plan_memory(plan.shape, replace(setup, gradient_checkpointing=True)))])
+            + ([] if setup.cached_teacher else
+               [Suggestion("teacher", plan_memory(plan.shape, replace(setup, teacher="cached")))])
             + first_fitting("seq_len", range((setup.seq_len - 1) // 128 * 128, 0, -128))
             + first_fitting("batch_size", range(setup.batch_size - 1, 0, -1)))
 
