@@ -2,7 +2,7 @@
 teacher and the share of the RTN -> FP gap (in log-perplexity) that QAT closes, against the paper's QAT.
 
     python bench/bench_levers.py                                    # W4A8KV4, embedded SmolLM2-135M, CPU
-    python bench/bench_levers.py --bits 4-8-4 4-16-16 --range-lrs 1e-3 1e-2 --out bench_output/levers
+    python bench/bench_levers.py --bits 4-8-4 4-16-16 4-4-4k+hadamard --range-lrs 1e-3 3e-3 --out bench_output/levers
 
 Levers: learned weight ranges (`--learn_ranges weights`) at each `--range-lrs` learning rate of their clipping
 factors. Every setting runs `scripts/demo.sh` in its own folder on one synthesis (OUT/data): the same text, the
@@ -20,9 +20,18 @@ from bench_options import demo_results
 from models.quantize import QATConfig
 
 
+def student(label: str) -> QATConfig:
+    """The config of a label as tables write it: W-A-KV, a `k` for keys after RoPE, `+hadamard` / `+random`."""
+    bits, *rotation = label.split("+")
+    post_rope = bits.endswith("k")
+    return QATConfig(*map(int, bits.removesuffix("k").split("-")), kv_placement="post_rope" if post_rope else "pre_rope",
+                     rotate=rotation[0] if rotation else "none")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bits", nargs="+", default=["4-8-4"], help="W-A-KV of each student (default: %(default)s)")
+    parser.add_argument("--bits", nargs="+", default=["4-8-4"],
+                        help="each student as tables label it, e.g. 4-16-16 or 4-4-4k+hadamard (default: %(default)s)")
     parser.add_argument("--range-lrs", nargs="+", default=["1e-3"],
                         help="learning rates of the learned clipping factors (default: %(default)s)")
     parser.add_argument("--out", default="bench_output/levers", help="one demo folder per setting in it")
@@ -32,7 +41,9 @@ def main():
     data = {"DATA_DIR": args.data or str(out / "data")}
     rows = []  # (bits, lever, QAT metrics, FP ppl, RTN ppl)
     for bits in args.bits:
-        config = QATConfig(*map(int, bits.split("-")))
+        config = student(bits)
+        if config.label() != bits:
+            raise SystemExit(f"--bits {bits}: write it as its label, {config.label()}")
         paper = demo_results(config, out / f"{bits}-paper", **data)
         fp = json.loads((out / f"{bits}-paper" / "results" / "fp.json").read_text())["metrics"]["heldout_perplexity"]
         settings = [("paper (MinMax)", paper["qat"])]

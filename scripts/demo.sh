@@ -8,6 +8,7 @@
 #   SAVE_TOPK=128 TEACHER=cached TOPK=8 make demo   QAT from the top-8 of data saved with the top-128
 #   SAVE_TAIL=16 TEACHER=cached make demo   and 16 tokens sampled from the rest of the teacher's distribution
 #   SCHEME=NVFP4 KV_SCHEME=FP8 make demo   floating-point formats (compressed-tensors presets) instead of W A KV bits
+#   LEARN_RANGES=weights RANGE_LR=1e-3 make demo   learned weight clipping (train.py --learn_ranges)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,8 @@ W_GROUP_SIZE=${W_GROUP_SIZE:-}                  # e.g. 64: group-wise weights (d
 KV_PLACEMENT=${KV_PLACEMENT:-pre_rope}          # post_rope: keys quantized after rotary embedding
 RECIPE=${RECIPE:-paper}                         # deploy: the grid compressed-tensors / vLLM run (README)
 ROTATE=${ROTATE:-none}                          # hadamard / random: rotations before quantizing (README)
+LEARN_RANGES=${LEARN_RANGES:-none}              # weights: learned clipping of the weight scales
+RANGE_LR=${RANGE_LR:-}                          # their learning rate (default: LEARNING_RATE)
 NUM_START_TOKENS=${NUM_START_TOKENS:-96}        # 3 sequences each (greedy prefixes of 3, 4, 5 tokens)
 HELDOUT_START_TOKENS=${HELDOUT_START_TOKENS:-8} # their sequences are kept out of training, for evaluation
 SEQ_LEN=${SEQ_LEN:-128}                         # tokens per generated sequence and per training example
@@ -49,9 +52,10 @@ generate_options=(--engine "$ENGINE")
 [ -n "$SAVE_TOPK" ] && generate_options+=(--save-topk "$SAVE_TOPK")
 [ -n "$SAVE_TAIL" ] && generate_options+=(--save-tail "$SAVE_TAIL")
 train_options=()
+[ "$LEARN_RANGES" = none ] || train_options+=(--learn_ranges "$LEARN_RANGES" ${RANGE_LR:+--range_learning_rate "$RANGE_LR"})
 [ "$TEACHER" = cached ] && train_options+=(--teacher cached --topk "$TOPK" ${TAIL:+--tail_samples "$TAIL"})
 DATA_DIR=${DATA_DIR:-"$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")${SAVE_TOPK:+-topk$SAVE_TOPK}${SAVE_TAIL:+-tail$SAVE_TAIL}"}
-QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK${TAIL:+-tail$TAIL}")"
+QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK${TAIL:+-tail$TAIL}")$([ "$LEARN_RANGES" = none ] || echo "-learned-$LEARN_RANGES${RANGE_LR:+-rlr$RANGE_LR}")"
 RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS"
 TIMINGS="$OUT/timings.md"
