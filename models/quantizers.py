@@ -67,6 +67,15 @@ def in_scale_dtype(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torc
     return scale if scale_dtype is None else scale.to(scale_dtype).to(scale.dtype)
 
 
+def _minmax_scale(rows: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """The symmetric MinMax scale per row: max|row| / (2^(b-1) - 1) on the paper's grid, max|row| / ((2^b - 1) / 2) on
+    the full one (divided by a 0-dim tensor, as compressed-tensors divides)."""
+    if grid == "full":
+        low, high = full_range(bits)
+        return rows.abs().amax(dim=-1, keepdim=True) / (torch.tensor(high - low, dtype=rows.dtype) / 2)
+    return rows.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
+
+
 def symmetric_codes(x: torch.Tensor, bits: int, grid: str = "paper",
                     scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (as float32 or float64, in [-(2^(b-1)-1), 2^(b-1)-1], on the full grid [-2^(b-1), 2^(b-1)-1])
@@ -79,7 +88,7 @@ def symmetric_codes(x: torch.Tensor, bits: int, grid: str = "paper",
         codes = rounded.clamp(low, high)
     else:
         qmax = 2 ** (bits - 1) - 1
-        scale = in_scale_dtype(x.abs().amax(dim=-1, keepdim=True) / qmax, scale_dtype)
+        scale = in_scale_dtype(_minmax_scale(x, bits, grid), scale_dtype)
         codes = torch.round(x * scale.reciprocal()).clamp_(-qmax, qmax)
     return torch.where(scale > 0, codes, torch.zeros_like(codes)), scale
 
@@ -117,12 +126,11 @@ def _full_grid(x: torch.Tensor, bits: int, symmetric: bool,
     (clamping after rounding gives the same codes: the bounds are integers)."""
     low, high = full_range(bits)
     row_min, row_max = x.amin(dim=-1, keepdim=True).clamp(max=0), x.amax(dim=-1, keepdim=True).clamp(min=0)
-    levels = torch.tensor(high - low, dtype=x.dtype)  # a 0-dim tensor divides as compressed-tensors' does
     if symmetric:
-        scale = in_scale_dtype(torch.maximum(-row_min, row_max) / (levels / 2), scale_dtype)
+        scale = in_scale_dtype(_minmax_scale(x, bits, "full"), scale_dtype)
         zero_point = torch.zeros_like(scale)
     else:
-        scale = (row_max - row_min) / levels
+        scale = (row_max - row_min) / torch.tensor(high - low, dtype=x.dtype)  # divides as compressed-tensors' does
         zero_point = torch.round((low - row_min / scale).clamp(low, high))
     return torch.round(x / scale + zero_point), scale, zero_point
 
@@ -156,14 +164,6 @@ def _integer(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None
 
 
 MIN_CLIP = 0.01  # a learned clipping factor is used no smaller than this: a step size stays positive
-
-
-def _minmax_scale(rows: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
-    """The symmetric MinMax scale per row, computed as `symmetric_codes` computes it on each grid."""
-    if grid == "full":
-        low, high = full_range(bits)
-        return rows.abs().amax(dim=-1, keepdim=True) / (torch.tensor(high - low, dtype=rows.dtype) / 2)
-    return rows.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
 
 
 def _learned_grid(rows: torch.Tensor, scale: torch.Tensor, bits: int, grid: str):
