@@ -9,8 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.data.merge import describe_rows, find_shard_files, heldout_file, merge_shards
-from utils.data.teacher_topk import store_directory
+from utils.data.merge import find_shard_files, heldout_file, merge_shards
+from utils.data.teacher_topk import describe_rows, store_directory
 from utils.safety import user_errors
 
 logger = logging.getLogger("merge_gen_data")

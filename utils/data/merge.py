@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import IO
 
 from utils.data.records import SequenceRecord, TeacherIdentity
-from utils.data.teacher_topk import append_rows, next_rows, read_rows, remove_store, side_file, store_writer
+from utils.data.teacher_topk import (append_rows, describe_rows, next_rows, read_rows, remove_store, side_file,
+                                     store_writer)
 from utils.safety import atomic_file, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -209,10 +210,6 @@ def validate_shards(files: list[Path], kept: IO[str], allow_mixed_settings: bool
     if not report.kept:
         raise ValueError(f"no valid line in {len(files)} shard file(s); check them with generate_data.py")
     return report
-
-
-def describe_rows(k: int, tail: int) -> str:
-    return (f"top-{k}" + (f" + {tail} tail" if tail else "")) if k else "no"
 
 
 def split(kept: IO[str], kept_rows: IO[bytes], output: Path, heldout_path: Path | None, count: int, seed: int,

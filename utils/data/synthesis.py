@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from utils.data.records import SequenceRecord, TeacherIdentity
 from utils.data.sampler import HFGenerator
-from utils.data.teacher_topk import append_rows, keep_rows, side_file
+from utils.data.teacher_topk import append_rows, describe_rows, keep_rows, side_file
 from utils.data.vllm_engine import VLLMGenerator
 from utils.safety import ensure_writable_dir, file_lock
 
@@ -128,7 +128,7 @@ def synthesize_shard(generator: HFGenerator | VLLMGenerator, tokenizer, start_to
                 progress.update(len(written))
                 progress.set_postfix(tok_per_s=f"{generated_tokens / (time.perf_counter() - began):.0f}")
     logger.info("Wrote %d sequences (%d generated tokens) to %s%s", todo, generated_tokens, path,
-                f", their teacher top-{k}{f' + {tail} tail' if tail else ''} rows to {side_file(path)}" if k else "")
+                f", their teacher {describe_rows(k, tail)} rows to {side_file(path)}" if k else "")
     return todo
 
 

@@ -71,6 +71,11 @@ class SequenceTopK:
         return len(self.ids)
 
 
+def describe_rows(k: int, tail: int) -> str:
+    """What a row holds, in words: `top-32`, `top-32 + 16 tail`, or `no` without rows."""
+    return (f"top-{k}" + (f" + {tail} tail" if tail else "")) if k else "no"
+
+
 def row_bytes(width: int) -> int:
     return width * (ID_DTYPE.itemsize + LOGPROB_DTYPE.itemsize)
 
@@ -180,6 +185,11 @@ def remove_store(source: str | Path) -> None:
         directory.rmdir()
 
 
+def manifest_width(manifest: dict) -> int:
+    """K + S, the columns of a store's rows (S is 0 in stores written before there were tail samples)."""
+    return manifest["k"] + manifest.get("tail", 0)
+
+
 @dataclass
 class TeacherTopK:
     """A store, mapped read-only: `ids` and `logprobs` [rows, K + S], row i beside token i of the token store."""
@@ -203,7 +213,7 @@ class TeacherTopK:
 
     @property
     def width(self) -> int:
-        return self.k + self.tail
+        return manifest_width(self.manifest)
 
     # Pickled (to a spawned DataLoader worker) as its path, not as a copy of every row.
     def __getstate__(self):
@@ -226,7 +236,7 @@ def open_teacher_topk(source: str | Path, source_sha256: str, rows: int, sequenc
     expected = {"format": FORMAT, "rows": rows, "sequences": sequences, "source_sha256": source_sha256}
     if any(manifest.get(key) != value for key, value in expected.items()):
         raise ValueError(f"the teacher top-K store {directory} belongs to another version of {source}; {fix}")
-    width = manifest["k"] + manifest.get("tail", 0)
+    width = manifest_width(manifest)
     for name, dtype in ((IDS, ID_DTYPE), (LOGPROBS, LOGPROB_DTYPE)):
         if (directory / name).stat().st_size != rows * width * dtype.itemsize:
             raise ValueError(f"{directory / name} is cut or damaged; {fix}")
