@@ -9,7 +9,8 @@ the training time without the teacher's forward.
 Each setting runs `scripts/demo.sh` in its own folder, all on one synthesis that kept the teacher's top-max(K)
 (`SAVE_TOPK`, in OUT/data): `make demo` for the full teacher, `TEACHER=cached TOPK=K make demo` for each K (the
 first K of the saved, most likely first), and with `--tail S` (`SAVE_TAIL`) also `TEACHER=cached TAIL=S make demo`
-for the largest K, its rest of the vocabulary sampled instead of one bucket. Every student trains on the same text for the same steps and is evaluated
+for the largest K, its rest of the vocabulary sampled instead of one bucket. Every student trains on the same text
+for the same steps and is evaluated
 on the same held-out text; only its targets differ.
 The memory the absent teacher saves is `scripts/plan_memory.py --teacher cached` (and bench/bench_memory.py).
 """

@@ -24,8 +24,8 @@ def student(label: str) -> QATConfig:
     """The config of a label as tables write it: W-A-KV, a `k` for keys after RoPE, `+hadamard` / `+random`."""
     bits, *rotation = label.split("+")
     post_rope = bits.endswith("k")
-    return QATConfig(*map(int, bits.removesuffix("k").split("-")), kv_placement="post_rope" if post_rope else "pre_rope",
-                     rotate=rotation[0] if rotation else "none")
+    return QATConfig(*map(int, bits.removesuffix("k").split("-")),
+                     kv_placement="post_rope" if post_rope else "pre_rope", rotate=rotation[0] if rotation else "none")
 
 
 def main():

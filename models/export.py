@@ -95,8 +95,8 @@ def _load_student(checkpoint: Path, export_format: str, out_dir: Path, force: bo
         raise ValueError(f"the packed format needs w_bits in 2..8 but {checkpoint} has w_bits={settings.w_bits} "
                          "(its weights are not quantized); use --format folded, or train with --w_bits 2..8")
     if export_format == FOLDED and settings.learn_ranges != "none" and settings.integer_product:
-        raise ValueError(f"{checkpoint} ({settings.label()}) multiplies integer codes by scales that its learned ranges "
-                         "set, and a folded export keeps no scales (they would be re-derived from the largest "
+        raise ValueError(f"{checkpoint} ({settings.label()}) multiplies integer codes by scales that its learned "
+                         "ranges set, and a folded export keeps no scales (they would be re-derived from the largest "
                          "weights); use --format packed, which stores them")
     if saved_config(checkpoint).get(EXPORT_KEY):
         raise ValueError(f"{checkpoint} is a {saved_config(checkpoint)[EXPORT_KEY]} export already; export the QAT "

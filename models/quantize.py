@@ -235,7 +235,8 @@ class QATConfig:
         """W-A-KV as the paper writes it, with the options that change the model: `4g128-8-4` for group-wise
         weights, a `k` after KV for keys quantized after rotary embedding (`4-8-4k`); then the recipe unless it is
         the paper's, and each option that differs from the recipe (`4-8-4+deploy`, `4-8-4+grid=full`); none of
-        these when nothing is quantized (`16-16-16`); learned ranges (`+learned-weights`); last the rotation (`4-4-4k+hadamard`, `+hadamard.seed1`).
+        these when nothing is quantized (`16-16-16`); learned ranges (`+learned-weights`); last the rotation
+        (`4-4-4k+hadamard`, `+hadamard.seed1`).
         A scheme replaces W-A (`NVFP4-kv4`), and a KV scheme the KV bits, in lower case without underscores
         (`4-8-fp8`, `FP8_DYNAMIC-kvfp8tensor`)."""
         weights = f"{self.w_bits}g{self.w_group_size}" if self.w_group_size and self.w_bits != FULL_PRECISION \

@@ -52,7 +52,8 @@ generate_options=(--engine "$ENGINE")
 [ -n "$SAVE_TOPK" ] && generate_options+=(--save-topk "$SAVE_TOPK")
 [ -n "$SAVE_TAIL" ] && generate_options+=(--save-tail "$SAVE_TAIL")
 train_options=()
-[ "$LEARN_RANGES" = none ] || train_options+=(--learn_ranges "$LEARN_RANGES" ${RANGE_LR:+--range_learning_rate "$RANGE_LR"})
+[ "$LEARN_RANGES" = none ] ||
+  train_options+=(--learn_ranges "$LEARN_RANGES" ${RANGE_LR:+--range_learning_rate "$RANGE_LR"})
 [ "$TEACHER" = cached ] && train_options+=(--teacher cached --topk "$TOPK" ${TAIL:+--tail_samples "$TAIL"})
 DATA_DIR=${DATA_DIR:-"$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")${SAVE_TOPK:+-topk$SAVE_TOPK}${SAVE_TAIL:+-tail$SAVE_TAIL}"}
 QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK${TAIL:+-tail$TAIL}")$([ "$LEARN_RANGES" = none ] || echo "-learned-$LEARN_RANGES${RANGE_LR:+-rlr$RANGE_LR}")"

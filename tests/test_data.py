@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data.dataset import TEACHER_TAIL_KEYS, TEACHER_TOPK_KEYS, PadCollator, TokenSequenceDataset, read_token_sequences
+from utils.data.dataset import (TEACHER_TAIL_KEYS, TEACHER_TOPK_KEYS, PadCollator, TokenSequenceDataset,
+                                read_token_sequences)
 from utils.data.records import TeacherIdentity
 from utils.data.teacher_topk import SequenceTopK, write_store
 

@@ -667,7 +667,8 @@ def test_learned_ranges_start_at_minmax_and_clip_every_weight_row(make_tiny_mode
     assert len(names) == len(quantized_modules(learned))
     assert not torch.equal(logits(with_learned_clips(learned), tiny_input_ids), logits(minmax, tiny_input_ids))
     learned(tiny_input_ids).logits.sum().backward()  # the clips are trained by the loss
-    assert all(layer.weight_quantizer.learned_clip.grad.abs().sum() > 0 for layer in quantized_modules(learned).values())
+    assert all(layer.weight_quantizer.learned_clip.grad.abs().sum() > 0
+               for layer in quantized_modules(learned).values())
 
 
 def test_learned_ranges_travel_with_the_checkpoint_and_remote_code(tiny_llama, tiny_input_ids, tmp_path):

@@ -91,8 +91,8 @@ def check_columns(topk: int | None, tail: int | None, store) -> tuple[int | None
                          f"0..{store.tail}, or generate the data again with generate_data.py --save-tail {tail}")
     if tail and topk < store.k:
         raise ValueError(f"--topk {topk} with --tail_samples {tail}: the tail was drawn outside the top-{store.k}, so "
-                         f"the tokens between its top-{topk} and top-{store.k} would count nowhere; pass --topk {store.k} "
-                         "or --tail_samples 0")
+                         f"the tokens between its top-{topk} and top-{store.k} would count nowhere; pass "
+                         f"--topk {store.k} or --tail_samples 0")
     return topk, tail
 
 
@@ -158,8 +158,8 @@ class TokenSequenceDataset(Dataset):
 
 class PadCollator:
     """Right-pads a batch to its longest sequence; the attention mask keeps padding out of the loss. The cached
-    teacher's rows (and tail samples), when the examples have them, become [batch, longest, K] tensors, padded with rows without a
-    distribution (ids 0, log-probabilities -inf)."""
+    teacher's rows (and tail samples), when the examples have them, become [batch, longest, K] tensors, padded with
+    rows without a distribution (ids 0, log-probabilities -inf)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
