@@ -9,7 +9,8 @@ device, sequence length 2048, checkpoints every 2000 steps. The quantizer flags 
 floating-point format, `--kv_scheme FP8` the KV bits. `scripts/run_train.sh W A KV` is the usual launcher; it runs
 `--check_only` first.
 `--teacher cached` distils from the teacher's top-K log-probabilities cached with the data (generate_data.py
---save-topk K, then merge_gen_data.py) instead of loading and running the teacher.
+--save-topk K, then merge_gen_data.py) instead of loading and running the teacher. `--init_from GPTQ_DIR` starts
+the student from a GPTQ model of the teacher instead of the teacher's weights (utils/evaluation/baselines.py).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from models.quantizers import FULL_PRECISION
 from utils.data.dataset import PadCollator, TokenSequenceDataset, check_packing
 from utils.data.records import TeacherIdentity, model_display_name
 from utils.safety import check_positions, ensure_writable_dir, user_errors
+from utils.evaluation.baselines import check_gptq_model, check_gptq_settings, start_from_gptq
 from utils.training.kd_trainer import CACHED_TEACHER, LOSSES, REDUCTIONS, TEACHERS, KDTrainer
 from utils.training.loading import load_model, load_tokenizer, load_weightless_model, resolve_model_path
 
@@ -47,6 +49,10 @@ SET_BY = dict(w_bits="scheme", a_bits="scheme", kv_bits="kv_scheme")  # the flag
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "teacher: a local model directory or hub name; omit for the embedded SmolLM2-135M"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "a GPTQ model of the teacher (scripts/baseline.py gptq; run_train.sh INIT=gptq makes it): the student "
+                "starts from its weights, and with --learn_ranges weights from its scales (beyond the paper; needs "
+                "--recipe deploy)"})
     check_only: bool = field(default=False, metadata={"help": "check the flags against the model's config and exit, "
                                                               "reading no weights and no data"})
 
@@ -228,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.range_learning_rate is not None and qat_config.learn_ranges == "none":
         raise ValueError(f"--range_learning_rate {training_args.range_learning_rate:g} trains learned ranges; add "
                          "--learn_ranges weights, or drop --range_learning_rate")
+    if model_args.init_from:
+        check_gptq_settings(qat_config)
     cached_teacher = kd_args.teacher == CACHED_TEACHER
     check_packing(data_args.packing, cached_teacher)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -240,9 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     check_against_model(model_config, qat_config, data_args.model_max_length)
     if model_args.check_only:
         return
+    teacher_name = model_display_name(model_args.model_name_or_path)
+    if model_args.init_from:
+        check_gptq_model(model_args.init_from, qat_config, teacher_name)
     resume = checkpoint_to_resume(training_args, qat_config)
     vocab_size = model_config.vocab_size
-    teacher_id = TeacherIdentity.of(model_display_name(model_args.model_name_or_path), tokenizer, vocab_size)
+    teacher_id = TeacherIdentity.of(teacher_name, tokenizer, vocab_size)
     dataset = TokenSequenceDataset(data_args.data_path, data_args.model_max_length, tokenizer, data_args.packing,
                                    teacher=teacher_id, vocab_size=vocab_size, teacher_topk=cached_teacher,
                                    topk=kd_args.topk, tail=kd_args.tail_samples)
@@ -259,9 +270,13 @@ def main(argv: list[str] | None = None) -> None:
         teacher = load_float_model(model_path, torch.bfloat16 if training_args.bf16 else torch.float32,
                                    training_args)
         teacher_note = f"teacher frozen in {teacher.dtype}"
-    student = quantize_model(load_float_model(model_path, torch.float32, training_args), qat_config)
-    logger.info("Student %s: %d quantized linear layers; %s", qat_config.label(), len(quantized_modules(student)),
-                teacher_note)
+    student = quantize_model(load_float_model(model_args.init_from or model_path, torch.float32, training_args),
+                             qat_config)
+    if model_args.init_from and reads_weights(training_args):  # the other processes get process 0's weights
+        start_from_gptq(student, model_args.init_from, qat_config)
+    start = f", starting from the GPTQ model {model_args.init_from}" if model_args.init_from else ""
+    logger.info("Student %s: %d quantized linear layers%s; %s", qat_config.label(), len(quantized_modules(student)),
+                start, teacher_note)
 
     trainer = KDTrainer(model=student, teacher=teacher, kd_reduction=kd_args.kd_reduction, loss=kd_args.loss,
                         range_learning_rate=training_args.range_learning_rate, args=training_args,

@@ -57,8 +57,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .float_quantizers import check_float_spec, fake_quantize_float, stored_scales
-from .quantizers import (FULL_PRECISION, GRIDS, check_bits, fake_quantize, fake_quantize_learned, grouped,
-                         in_scale_dtype, integer_linear, learned_codes, symmetric_codes, upcast)
+from .quantizers import (FULL_PRECISION, GRIDS, check_bits, clip_for_scale, fake_quantize, fake_quantize_learned,
+                         grouped, in_scale_dtype, integer_linear, learned_codes, symmetric_codes, upcast)
 from .rotations import DOWN_PROJ_INPUT, KEY, ROTATIONS, OnlineRotation, rotate, rotate_model
 from .schemes import KV_SCHEMES, SCHEMES, QuantSpec
 
@@ -604,3 +604,20 @@ def quantize_model(model: nn.Module, *bits, **options) -> nn.Module:
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def start_ranges_at(model: nn.Module, scales: dict[str, torch.Tensor]) -> nn.Module:
+    """Set the learned clipping factors of every quantized layer (`learn_ranges="weights"`) so that its weight's step
+    sizes are `scales[layer name]` ([out, 1] per channel, [out, in / G] per group), e.g. GPTQ's for the weights it
+    wrote: the student then starts as that quantized model (its codes, its scales to an ulp) and learns on from it."""
+    for name, layer in quantized_modules(model).items():
+        quantizer = layer.weight_quantizer
+        if getattr(quantizer, LEARNED_CLIP, None) is None:
+            raise ValueError(f"{name} has no learned weight ranges to start; quantize with learn_ranges='weights'")
+        if name not in scales:
+            raise ValueError(f"no weight scales for {name}")
+        rows = grouped(layer.weight.detach(), quantizer.group_size)
+        with torch.no_grad():
+            quantizer.learned_clip.copy_(clip_for_scale(rows, scales[name].reshape(*rows.shape[:-1], 1),
+                                                        quantizer.bits, quantizer.grid))
+    return model

@@ -207,6 +207,13 @@ def learned_scale(rows: torch.Tensor, clip: torch.Tensor, bits: int, grid: str,
     return in_scale_dtype(scale, scale_dtype)
 
 
+def clip_for_scale(rows: torch.Tensor, scale: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    """The clipping factors that make `learned_scale` of `rows` equal `scale` ([..., 1], e.g. GPTQ's scales for the
+    weights it wrote), to within an ulp; 1 where a row is all zeros (its scale is 0 either way)."""
+    minmax = _minmax_scale(upcast(rows), bits, grid)
+    return torch.where(minmax > 0, scale.to(minmax.dtype) / minmax, torch.ones_like(minmax)).float()
+
+
 def fake_quantize_learned(x: torch.Tensor, clip: torch.Tensor, bits: int, ste_clip: float | None = 2.0,
                           group_size: int | None = None, grid: str = "paper",
                           scale_dtype: torch.dtype | None = None) -> torch.Tensor:

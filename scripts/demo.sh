@@ -22,6 +22,7 @@ RECIPE=${RECIPE:-paper}                         # deploy: the grid compressed-te
 ROTATE=${ROTATE:-none}                          # hadamard / random: rotations before quantizing (README)
 LEARN_RANGES=${LEARN_RANGES:-none}              # weights: learned clipping of the weight scales
 RANGE_LR=${RANGE_LR:-}                          # their learning rate (default: LEARNING_RATE)
+INIT=${INIT:-teacher}                           # gptq (RECIPE=deploy): QAT starts from a GPTQ model (make baselines)
 NUM_START_TOKENS=${NUM_START_TOKENS:-96}        # 3 sequences each (greedy prefixes of 3, 4, 5 tokens)
 HELDOUT_START_TOKENS=${HELDOUT_START_TOKENS:-8} # their sequences are kept out of training, for evaluation
 SEQ_LEN=${SEQ_LEN:-128}                         # tokens per generated sequence and per training example
@@ -56,7 +57,8 @@ train_options=()
   train_options+=(--learn_ranges "$LEARN_RANGES" ${RANGE_LR:+--range_learning_rate "$RANGE_LR"})
 [ "$TEACHER" = cached ] && train_options+=(--teacher cached --topk "$TOPK" ${TAIL:+--tail_samples "$TAIL"})
 DATA_DIR=${DATA_DIR:-"$OUT/data-n${NUM_START_TOKENS}-h${HELDOUT_START_TOKENS}-len${SEQ_LEN}-seed${SEED}$([ "$ENGINE" = hf ] || echo "-$ENGINE")${SAVE_TOPK:+-topk$SAVE_TOPK}${SAVE_TAIL:+-tail$SAVE_TAIL}"}
-QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK${TAIL:+-tail$TAIL}")$([ "$LEARN_RANGES" = none ] || echo "-learned-$LEARN_RANGES${RANGE_LR:+-rlr$RANGE_LR}")"
+QAT_DIR="$OUT/qat-${BITS}-$(basename "$DATA_DIR")-ep${EPOCHS}-lr${LEARNING_RATE}-bs${BATCH_SIZE}$([ "$TEACHER" = model ] || echo "-cached$TOPK${TAIL:+-tail$TAIL}")$([ "$LEARN_RANGES" = none ] || echo "-learned-$LEARN_RANGES${RANGE_LR:+-rlr$RANGE_LR}")$([ "$INIT" = teacher ] || echo "-init$INIT")"
+GPTQ_DIR="$DATA_DIR/gptq-w${W_BITS}${W_GROUP_SIZE:+g$W_GROUP_SIZE}"  # INIT=gptq: made by run_train.sh once, reused
 RESULTS="$OUT/results"
 mkdir -p "$OUT" "$RESULTS"
 TIMINGS="$OUT/timings.md"
@@ -99,6 +101,7 @@ train() {
   DATA="$DATA_DIR/all.jsonl" OUTPUT_DIR="$QAT_DIR" CPU_MAX_LENGTH="$SEQ_LEN" CPU_BATCH_SIZE="$BATCH_SIZE" \
     CPU_LEARNING_RATE="$LEARNING_RATE" CPU_EPOCHS="$EPOCHS" PYTHON="$PYTHON" W_GROUP_SIZE="$W_GROUP_SIZE" \
     KV_PLACEMENT="$KV_PLACEMENT" RECIPE="$RECIPE" ROTATE="$ROTATE" SCHEME="$SCHEME" KV_SCHEME="$KV_SCHEME" \
+    INIT="$INIT" GPTQ_DIR="$GPTQ_DIR" \
     bash scripts/run_train.sh "$W_BITS" "$A_BITS" "$KV_BITS" --save_strategy no --seed "$SEED" "${train_options[@]}"
 }
 
@@ -107,8 +110,14 @@ stage "2. synthesize data ($NUM_START_TOKENS start tokens x 3, $SEQ_LEN tokens, 
 stage "3a. evaluate FP teacher" evaluate fp default
 stage "3b. evaluate RTN $BITS" evaluate "rtn-$BITS" default "$W_BITS" "$A_BITS" "$KV_BITS" "${rtn_options[@]}"
 stage "4. QAT $BITS (scripts/run_train.sh, teacher $TEACHER)" train
+reported=("$RESULTS/fp.json" "$RESULTS/rtn-$BITS.json")
+if [ "$INIT" = gptq ]; then
+  stage "4b. evaluate the GPTQ start $BITS" evaluate "gptq-$BITS" "$GPTQ_DIR" "$W_BITS" "$A_BITS" "$KV_BITS" \
+    "${rtn_options[@]}"
+  reported+=("$RESULTS/gptq-$BITS.json")
+fi
 stage "5. evaluate QAT $BITS" evaluate "qat-$BITS" "$QAT_DIR"
-stage "6. report" "$PYTHON" scripts/compare.py "$RESULTS/fp.json" "$RESULTS/rtn-$BITS.json" "$RESULTS/qat-$BITS.json" --out "$OUT"
+stage "6. report" "$PYTHON" scripts/compare.py "${reported[@]}" "$RESULTS/qat-$BITS.json" --out "$OUT"
 echo "| total | $((SECONDS - demo_start)) |" >> "$TIMINGS"
 
 echo; cat "$OUT/results.md"; echo; cat "$TIMINGS"

@@ -2,7 +2,9 @@
 compressed-tensors export for vLLM, SmoothQuant, and which W-A-KV rows a GPTQ model is evaluated at. The runs need
 `make baselines` (.venv-baselines) and skip with that reason without it; serving the export also needs `make vllm`."""
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,11 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from conftest import load_script, save_tiny_teacher, vllm_sized_llama
-from models.quantize import QATConfig, quantize_model
-from utils.evaluation.baselines import applied_quantization, check_baseline_args, check_group_size
+from models.quantize import QATConfig, quantize_model, quantized_modules
+from utils.evaluation.baselines import applied_quantization, check_baseline_args, check_group_size, gptq_scales
 from utils.evaluation.serving import VLLM_PYTHON, cpu_flags, own_log_probs, served_log_probs, vllm_kernel_missing
 from utils.safety import CommandError
+from utils.evaluation.baselines import start_from_gptq
 from utils.training.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +55,10 @@ def test_a_gptq_model_is_evaluated_at_its_own_weights_and_settings_it_cannot_tak
     per_channel, grouped = ({"method": "gptq", "w_bits": 4, "w_group_size": size} for size in (None, 32))
     assert applied_quantization(grouped, QATConfig(4, 8, 4, w_group_size=32)) == QATConfig(16, 8, 4)
     assert applied_quantization(per_channel, QATConfig(4, 8, 4)) == QATConfig(16, 8, 4)
-    with pytest.raises(ValueError, match="has 4-bit weights in groups of 32, not 4-bit weights per channel; evaluate "
+    with pytest.raises(ValueError, match="has 4-bit weights in groups of 32, not 4-bit weights per channel; use "
                                          "it at W = 4 --w-group-size 32, or run scripts/baseline.py gptq --w-bits 4$"):
         applied_quantization(grouped, QATConfig(4, 8, 4))
-    with pytest.raises(ValueError, match="not 4-bit weights in groups of 128; evaluate it at W = 4, or"):
+    with pytest.raises(ValueError, match="not 4-bit weights in groups of 128; use it at W = 4, or"):
         applied_quantization(per_channel, QATConfig(4, 8, 4, w_group_size=128))
     with pytest.raises(ValueError, match="are GPTQ's; smoothquant takes neither"):
         check_baseline_args("smoothquant", None, 0.5, a_bits=8)
@@ -84,8 +87,90 @@ def test_gptq_weights_lie_on_a_4_bit_grid_and_evaluate_with_the_rows_activation_
                             "--output", str(tmp_path / "gptq.json")])
     assert result["method"] == "gptq" and result["label"] == "4-8-4"
     assert (result["quantization"]["w_bits"], result["quantization"]["a_bits"]) == (16, 8)  # weights are GPTQ's
-    with pytest.raises(CommandError, match="evaluate it at W = 4"):
+    with pytest.raises(CommandError, match="use it at W = 4"):
         evaluate.main([str(tmp_path / "gptq"), "8", "8", "8", "--tasks", "none", "--output", str(tmp_path / "x.json")])
+
+
+@pytest.fixture(scope="module")
+def gptq_starts(tiny_teacher, calibration, tmp_path_factory):
+    """4-bit GPTQ models of the tiny teacher, by weight group size (None: per channel)."""
+    root = tmp_path_factory.mktemp("gptq-starts")
+    return {size: make_baseline(tiny_teacher, calibration, root / f"g{size}", "gptq", "--w-bits", "4",
+                                *(("--w-group-size", str(size)) if size else ())) for size in (None, 32)}
+
+
+@needs_baselines
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_a_gptq_start_with_learned_ranges_is_gptqs_quantized_model(gptq_starts, group_size):
+    """The clipping factors start at GPTQ's scale / MinMax scale: the student's codes are GPTQ's to the bit (the
+    integers its stored weights are of its scales) and its weights GPTQ's to an ulp of the scale. The MinMax quantizer
+    alone re-derives other scales from the same weights (max|code| s / 7.5 instead of s)."""
+    gptq = gptq_starts[group_size]
+    config = QATConfig(4, 16, 16, recipe="deploy", w_group_size=group_size, learn_ranges="weights")
+    student = start_from_gptq(quantize_model(load_model(gptq, quantized=False), config), gptq, config)
+    minmax = quantize_model(load_model(gptq, quantized=False), QATConfig(4, 16, 16, recipe="deploy",
+                                                                          w_group_size=group_size))
+    gptq_weights, scales = load_model(gptq, quantized=False), gptq_scales(gptq)
+    moved = 0
+    for name, layer in quantized_modules(student).items():
+        weight, scale = gptq_weights.get_submodule(name).weight, scales[name]
+        expanded = scale.repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
+        codes, steps = layer.weight_codes()
+        assert torch.equal(codes, torch.round(weight / expanded)) and codes.min() >= -8 and codes.max() <= 7, name
+        torch.testing.assert_close(steps.reshape(scale.shape), scale, rtol=2 ** -23, atol=0)
+        torch.testing.assert_close(layer.quantized_weight(), weight, rtol=2 ** -22, atol=0)
+        moved += not torch.equal(quantized_modules(minmax)[name].quantized_weight(), weight)
+    assert moved == len(quantized_modules(student))
+
+
+@needs_baselines
+def test_train_starts_from_the_gptq_model_and_distils_from_the_float_teacher(gptq_starts, tiny_teacher, calibration,
+                                                                             tmp_path, monkeypatch):
+    """train.py --init_from: the teacher is the float model, the student GPTQ's weights with GPTQ's scales (at
+    learning rate 0 the saved student is GPTQ's model)."""
+    import train
+
+    loads = []
+
+    def load(path, dtype, training_args):
+        loads.append(str(path))
+        return load_model(path, dtype, quantized=False)
+
+    monkeypatch.setattr(train, "load_float_model", load)
+    gptq = gptq_starts[None]
+    train.main(["--model_name_or_path", str(tiny_teacher), "--init_from", str(gptq), "--data_path", str(calibration),
+                "--output_dir", str(tmp_path / "out"), "--model_max_length", "16", "--w_bits", "4", "--a_bits", "8",
+                "--kv_bits", "4", "--recipe", "deploy", "--learn_ranges", "weights", "--learning_rate", "0",
+                "--max_steps", "1", "--use_cpu", "--save_strategy", "no"])
+    assert loads == [str(tiny_teacher), str(gptq)]
+    student, gptq_weights = load_model(tmp_path / "out"), load_model(gptq, quantized=False)
+    for name, layer in quantized_modules(student).items():
+        torch.testing.assert_close(layer.quantized_weight(), gptq_weights.get_submodule(name).weight, rtol=2 ** -22,
+                                   atol=0)
+
+
+@needs_baselines
+def test_run_train_makes_the_gptq_start_beside_the_data_once_and_trains_from_it(tiny_teacher, calibration, tmp_path):
+    data = tmp_path / "gen" / "all.jsonl"
+    data.parent.mkdir()
+    data.write_text(calibration.read_text())
+    env = {**os.environ, "MODEL": str(tiny_teacher), "DATA": str(data), "INIT": "gptq", "CPU_MAX_LENGTH": "16",
+           "PYTHON": sys.executable}
+
+    def run_train(output, recipe):
+        return subprocess.run(["bash", "scripts/run_train.sh", "4", "16", "16", "--max_steps", "1"], cwd=REPO,
+                              env={**env, "RECIPE": recipe, "OUTPUT_DIR": str(output)}, capture_output=True, text=True)
+
+    refused = run_train(tmp_path / "paper", "paper")
+    assert refused.returncode == 2 and refused.stderr.strip().endswith("add --recipe deploy")
+    assert not (tmp_path / "gen" / "gptq-w4").exists()  # refused before the GPTQ model is made
+    result = run_train(tmp_path / "deploy", "deploy")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "making the GPTQ start" in result.stdout
+    assert json.loads((tmp_path / "gen" / "gptq-w4" / "config.json").read_text())["llm_qat_baseline"]["w_bits"] == 4
+    assert "starting from the GPTQ model" in result.stderr and (tmp_path / "deploy" / "config.json").is_file()
+    again = run_train(tmp_path / "again", "deploy")
+    assert again.returncode == 0 and "making the GPTQ start" not in again.stdout  # made once, then reused
 
 
 def decompressed(export: Path):

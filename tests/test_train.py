@@ -400,6 +400,10 @@ def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_checkpoint_to_resume(ti
                                         "weights, or drop --range_learning_rate"),
     (("--tail_samples", "4"), "--tail_samples 4 selects among the cached teacher's tokens; add --teacher cached, or "
                               "drop --tail_samples"),
+    (("--init_from", "gptq-model"), r"--init_from starts from GPTQ's codes, which lie on the full grid "
+                                    r"\(int4: -8..7\); add --recipe deploy"),
+    (("--init_from", "gptq-model", "--recipe", "deploy", "--w_bits", "16"), "--init_from starts the student from "
+                                                                            "GPTQ's integer weights"),
 ])
 def test_a_run_that_would_not_train_as_asked_is_refused_before_loading_anything(tiny_teacher_dir, tmp_path,
                                                                                  monkeypatch, flags, message):
@@ -407,6 +411,27 @@ def test_a_run_that_would_not_train_as_asked_is_refused_before_loading_anything(
     with pytest.raises(ValueError, match=message):
         train.main(train_args(tiny_teacher_dir, tmp_path / "o", *flags))
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+@pytest.mark.parametrize("made, message", [
+    (None, "is not a GPTQ model"),
+    ({"w_bits": 8}, "this GPTQ model has 8-bit weights per channel, not 4-bit weights per channel; use it at W = 8"),
+    ({"model": "another-model"}, "is a GPTQ model of another-model, not of the teacher"),
+])
+def test_a_gptq_start_that_is_not_the_teachers_at_these_bits_is_refused_before_loading_anything(
+        tiny_teacher_dir, tmp_path, monkeypatch, made, message):
+    """--init_from's directory is read before any weights or data (the GPTQ runs themselves: test_baselines.py)."""
+    start = tmp_path / "gptq"
+    start.mkdir()
+    settings = {"method": "gptq", "w_bits": 4, "w_group_size": None, "model": str(tiny_teacher_dir / "teacher")}
+    config = {} if made is None else {"llm_qat_baseline": {**settings, **made}}
+    (start / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(train, "load_float_model", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        train.main(train_args(tiny_teacher_dir, tmp_path / "o", "--init_from", str(start), "--recipe", "deploy"))
+    with pytest.raises(FileNotFoundError, match="is not a model directory; make the GPTQ model with"):
+        train.main(train_args(tiny_teacher_dir, tmp_path / "o", "--init_from", str(tmp_path / "none"), "--recipe",
+                              "deploy"))
 
 
 def test_check_only_checks_the_flags_against_the_models_config_and_reads_no_data(tiny_teacher_dir, tmp_path):

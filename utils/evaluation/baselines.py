@@ -16,6 +16,17 @@ A baseline is saved as a float model directory whose config.json records what wa
 - smoothquant: activation outliers moved into the weights (scale alpha, SmoothQuant's eq. 4) through the RMSNorm
   scales; still float. Evaluated at W-A-KV, all three quantizers are applied exactly as for RTN.
 So at one W-A-KV the methods differ only in their weights, as in the paper's Table 1.
+
+A GPTQ model is also a start for QAT (train.py --init_from, run_train.sh INIT=gptq; beyond the paper, whose student
+starts from the teacher's weights, i.e. from round-to-nearest). Starting from a better quantized model than RTN is
+EfficientQAT's first stage (Chen et al. 2024, block-wise reconstruction before end-to-end training); here the
+reconstruction is GPTQ on the teacher's own generated data, so the start stays data-free. The student's latent
+weights are GPTQ's dequantized weights; the teacher stays the full-precision model. GPTQ's codes lie on
+compressed-tensors' full grid (int4: -8..7), so the student takes that grid (`--recipe deploy`). Its steps:
+- with `--learn_ranges weights` the clipping factors start at GPTQ's scale / MinMax scale of GPTQ's weights: the
+  student starts as GPTQ's model (the same codes, the scales to an ulp) and learns weights and ranges from there;
+- without, the MinMax quantizer re-derives each row's scale from GPTQ's weights: max|code| * s / 7.5 instead of
+  GPTQ's s (int4), so a row keeps its codes but its scale moves by up to 1/15 before training starts.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import saved_config
-from models.quantize import QATConfig
+from models.quantize import QATConfig, start_ranges_at
 from models.quantizers import FULL_PRECISION, check_bits
 from utils.data.dataset import read_token_sequences
 from utils.data.records import TeacherIdentity, model_display_name
@@ -56,12 +67,31 @@ def applied_quantization(baseline: dict, bits: QATConfig) -> QATConfig:
         raise ValueError(f"{baseline['method']} weights were computed without a rotation; omit --rotate")
     if baseline["method"] != "gptq":
         return bits
+    check_gptq_weights(baseline, bits)
+    return replace(bits, w_bits=FULL_PRECISION, w_group_size=None)  # the weights are already GPTQ's
+
+
+def check_gptq_weights(baseline: dict, bits: QATConfig) -> None:
+    """Refuse W bits or a group size other than those the GPTQ model `baseline` was made with."""
     made, asked = (baseline["w_bits"], baseline.get("w_group_size")), (bits.w_bits, bits.w_group_size)
     if made != asked:
-        raise ValueError(f"this GPTQ model has {_weights(*made)}, not {_weights(*asked)}; evaluate it at W = "
+        raise ValueError(f"this GPTQ model has {_weights(*made)}, not {_weights(*asked)}; use it at W = "
                          f"{_weights_flags(*made)}, or run scripts/baseline.py gptq --w-bits "
                          f"{_weights_flags(*asked)}")
-    return replace(bits, w_bits=FULL_PRECISION, w_group_size=None)  # the weights are already GPTQ's
+
+
+def gptq_scales(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The step sizes GPTQ chose, per quantized layer name ([out, 1] per channel, [out, in / G] per group), read from
+    the baseline's compressed-tensors export (`compressed/`, where llm-compressor saves them as `NAME.weight_scale`)."""
+    from safetensors.torch import load_file
+
+    files = sorted((Path(directory) / COMPRESSED).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}/{COMPRESSED} holds no weight files with GPTQ's scales; make the GPTQ "
+                                "model again with scripts/baseline.py gptq")
+    suffix = ".weight_scale"
+    return {name.removesuffix(suffix): tensor for file in files for name, tensor in load_file(file).items()
+            if name.endswith(suffix)}
 
 
 def _weights(w_bits: int, w_group_size: int | None) -> str:
@@ -185,3 +215,36 @@ def run_baseline(method: str, model: str | None, calibration: str | Path, output
 def _version(package: str) -> str:
     from importlib.metadata import version
     return version(package)
+
+
+def check_gptq_settings(config: QATConfig) -> None:
+    """What a GPTQ start needs of the quantizer flags; checked before the GPTQ model exists (run_train.sh makes it
+    after the data)."""
+    if config.weight_spec is not None or config.w_bits == FULL_PRECISION:
+        raise ValueError("--init_from starts the student from GPTQ's integer weights; pass --w_bits 2..8 without "
+                         "--scheme, or drop --init_from")
+    if config.grid != "full":
+        raise ValueError("--init_from starts from GPTQ's codes, which lie on the full grid (int4: -8..7); add "
+                         "--recipe deploy")
+    if config.rotate != "none":
+        raise ValueError("GPTQ's weights were computed without a rotation; drop --rotate or --init_from")
+
+
+def check_gptq_model(directory: str | Path, config: QATConfig, teacher_name: str) -> None:
+    """Refuse a directory that is not a GPTQ model of this teacher at these weight bits, before anything is loaded."""
+    check_gptq_settings(config)
+    if not Path(directory, "config.json").is_file():
+        raise FileNotFoundError(f"--init_from {directory} is not a model directory; make the GPTQ model with "
+                                f".venv-baselines/bin/python scripts/baseline.py gptq --w-bits {config.w_bits} ...")
+    baseline = saved_baseline(directory)
+    if baseline is None or baseline["method"] != "gptq":
+        raise ValueError(f"--init_from {directory} is not a GPTQ model (scripts/baseline.py gptq makes one)")
+    check_gptq_weights(baseline, config)
+    if baseline["model"] != teacher_name:
+        raise ValueError(f"--init_from {directory} is a GPTQ model of {baseline['model']}, not of the teacher "
+                         f"{teacher_name}; make one of the teacher with scripts/baseline.py gptq --model ...")
+
+
+def start_from_gptq(student: torch.nn.Module, directory: str | Path, config: QATConfig) -> torch.nn.Module:
+    """A student (of `config`) loaded from GPTQ's weights, with its learned clipping factors set to GPTQ's scales."""
+    return start_ranges_at(student, gptq_scales(directory)) if config.learn_ranges == "weights" else student
