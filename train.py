@@ -35,8 +35,8 @@ from models.quantize import QATConfig, quantize_model, quantized_modules
 from models.quantizers import FULL_PRECISION
 from utils.data.dataset import PadCollator, TokenSequenceDataset, check_packing
 from utils.data.records import TeacherIdentity, model_display_name
-from utils.safety import check_positions, ensure_writable_dir, user_errors
 from utils.evaluation.baselines import check_gptq_model, check_gptq_settings, start_from_gptq
+from utils.safety import check_positions, ensure_writable_dir, user_errors
 from utils.training.kd_trainer import CACHED_TEACHER, LOSSES, REDUCTIONS, TEACHERS, KDTrainer
 from utils.training.loading import load_model, load_tokenizer, load_weightless_model, resolve_model_path
 
