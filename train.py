@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         teacher_note = f"teacher frozen in {teacher.dtype}"
     student = quantize_model(load_float_model(model_args.init_from or model_path, torch.float32, training_args),
                              qat_config)
-    if model_args.init_from and reads_weights(training_args):  # the other processes get process 0's weights
-        start_from_gptq(student, model_args.init_from, qat_config)
+    if model_args.init_from:  # processes that read no weights get process 0's, clipping factors included
+        start_from_gptq(student, model_args.init_from, qat_config, weights_loaded=reads_weights(training_args))
     start = f", starting from the GPTQ model {model_args.init_from}" if model_args.init_from else ""
     logger.info("Student %s: %d quantized linear layers%s; %s", qat_config.label(), len(quantized_modules(student)),
                 start, teacher_note)

@@ -127,7 +127,7 @@ def test_a_gptq_start_with_learned_ranges_is_gptqs_quantized_model(gptq_starts, 
 def test_train_starts_from_the_gptq_model_and_distils_from_the_float_teacher(gptq_starts, tiny_teacher, calibration,
                                                                              tmp_path, monkeypatch):
     """train.py --init_from: the teacher is the float model, the student GPTQ's weights with GPTQ's scales (at
-    learning rate 0 the saved student is GPTQ's model)."""
+    learning rate 0 the saved student is GPTQ's model), saved as a QAT student that says where it started."""
     import train
 
     loads = []
@@ -143,6 +143,8 @@ def test_train_starts_from_the_gptq_model_and_distils_from_the_float_teacher(gpt
                 "--kv_bits", "4", "--recipe", "deploy", "--learn_ranges", "weights", "--learning_rate", "0",
                 "--max_steps", "1", "--use_cpu", "--save_strategy", "no"])
     assert loads == [str(tiny_teacher), str(gptq)]
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())  # a QAT student, not GPTQ's fixed weights
+    assert "llm_qat_baseline" not in saved and saved["llm_qat_start"]["method"] == "gptq"
     student, gptq_weights = load_model(tmp_path / "out"), load_model(gptq, quantized=False)
     for name, layer in quantized_modules(student).items():
         torch.testing.assert_close(layer.quantized_weight(), gptq_weights.get_submodule(name).weight, rtol=2 ** -22,

@@ -50,6 +50,7 @@ from utils.training.loading import load_model, load_tokenizer, resolve_model_pat
 logger = logging.getLogger(__name__)
 
 BASELINE_KEY = "llm_qat_baseline"
+START_KEY = "llm_qat_start"  # a QAT student started from a baseline (train.py --init_from): that baseline's settings
 BASELINES = ("gptq", "smoothquant")
 INSTALL_HINT = "make baselines (llm-compressor in its own environment, .venv-baselines)"
 COMPRESSED = "compressed"  # the compressed-tensors export inside a GPTQ baseline's directory
@@ -245,6 +246,14 @@ def check_gptq_model(directory: str | Path, config: QATConfig, teacher_name: str
                          f"{teacher_name}; make one of the teacher with scripts/baseline.py gptq --model ...")
 
 
-def start_from_gptq(student: torch.nn.Module, directory: str | Path, config: QATConfig) -> torch.nn.Module:
-    """A student (of `config`) loaded from GPTQ's weights, with its learned clipping factors set to GPTQ's scales."""
-    return start_ranges_at(student, gptq_scales(directory)) if config.learn_ranges == "weights" else student
+def start_from_gptq(student: torch.nn.Module, directory: str | Path, config: QATConfig,
+                    weights_loaded: bool = True) -> torch.nn.Module:
+    """A student (of `config`) loaded from GPTQ's weights, with its learned clipping factors set to GPTQ's scales
+    (where this process holds the weights: `weights_loaded`). Its config no longer says it is a baseline (it is a
+    QAT student, which evaluate.py would otherwise evaluate as GPTQ's fixed weights, without a weight quantizer); it
+    says where it started instead (`START_KEY`)."""
+    setattr(student.config, START_KEY, getattr(student.config, BASELINE_KEY))
+    delattr(student.config, BASELINE_KEY)
+    if weights_loaded and config.learn_ranges == "weights":
+        start_ranges_at(student, gptq_scales(directory))
+    return student
