@@ -24,6 +24,7 @@ from models.quantize import QATConfig
 
 
 LEVERS = ("learned", "deploy", "gptq", "gptq+learned")
+DEMO_LEARNING_RATE = "1e-4"  # scripts/demo.sh's LEARNING_RATE
 
 
 def student(label: str, **options) -> QATConfig:
@@ -44,11 +45,15 @@ def main():
                         help="learning rates of the learned clipping factors (default: %(default)s)")
     parser.add_argument("--levers", nargs="+", default=["learned"], choices=LEVERS,
                         help="the levers, each beside the paper's QAT (default: %(default)s)")
+    parser.add_argument("--learning-rate", default=DEMO_LEARNING_RATE,
+                        help="QAT learning rate of every setting (default: the demo's, %(default)s)")
     parser.add_argument("--out", default="bench_output/levers", help="one demo folder per setting in it")
     parser.add_argument("--data", help="the demo data to train on, e.g. another bench's (default: OUT/data, made once)")
     args = parser.parse_args()
     out = Path(args.out)
-    data = {"DATA_DIR": args.data or str(out / "data")}
+    data = {"DATA_DIR": args.data or str(out / "data"), "LEARNING_RATE": args.learning_rate}
+    if args.learning_rate != DEMO_LEARNING_RATE:  # each rate its own folders: a demo reuses a trained student
+        out = out / f"lr{args.learning_rate}"
     rows = []  # (bits, lever, QAT metrics, FP ppl, RTN ppl)
     for bits in args.bits:
         config = student(bits)
@@ -75,7 +80,7 @@ def main():
             settings.append((f"deploy grid, GPTQ start, learned ranges lr {rate}", results["qat"]))
         rows += [(bits, lever, qat, fp, paper["rtn"]["heldout_perplexity"]) for lever, qat in settings]
 
-    print("\nembedded SmolLM2-135M, demo data and budget (scripts/demo.sh)\n")
+    print(f"\nembedded SmolLM2-135M, demo data and budget (scripts/demo.sh), QAT lr {args.learning_rate}\n")
     print("| W-A-KV | lever | held-out ppl | KL to teacher | top-1 (%) | log-ppl gap closed | FP | RTN |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|")
     for bits, lever, qat, fp, rtn in rows:
